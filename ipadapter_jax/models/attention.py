@@ -1,0 +1,104 @@
+"""Scaled dot-product attention with a selectable implementation, and the multi-head attention layer.
+
+Layout everywhere: tokens last-but-one, heads split out as ``[batch, tokens, heads, head_dim]`` (the layout
+``jax.nn.dot_product_attention`` and the TPU kernels take), so no transposes sit between projections and
+the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    # Written out in full: the plain-math reference every other implementation is tested against.
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqnh,bknh->bnqk", q, k) * scale
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", weights, v)
+
+
+# The seam for accelerator kernels: a new implementation registers a function of the same signature.
+ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {
+    "xla": _xla_attention,
+    "einsum": _einsum_attention,
+}
+
+
+def register_attention_implementation(name: str, fn: AttentionFn) -> None:
+    ATTENTION_IMPLEMENTATIONS[name] = fn
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla", upcast: bool = False
+) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v.
+
+    Args:
+      q: ``[batch, q_tokens, heads, head_dim]``.
+      k, v: ``[batch, kv_tokens, heads, head_dim]``.
+      implementation: a key of ``ATTENTION_IMPLEMENTATIONS``.
+      upcast: compute in float32 whatever the input dtype (diffusers' ``upcast_attention``), cast back.
+    Returns:
+      ``[batch, q_tokens, heads, head_dim]`` in q's dtype.
+    """
+    try:
+        fn = ATTENTION_IMPLEMENTATIONS[implementation]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; known: {sorted(ATTENTION_IMPLEMENTATIONS)}"
+        ) from None
+    dtype = q.dtype
+    if upcast:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    return fn(q, k, v).astype(dtype)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """``[batch, tokens, heads*head_dim]`` -> ``[batch, tokens, heads, head_dim]``."""
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """``[batch, tokens, heads, head_dim]`` -> ``[batch, tokens, heads*head_dim]``."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+class MultiHeadAttention(nn.Module):
+    """diffusers' ``Attention`` (self or cross): ``to_q``, ``to_k``, ``to_v`` without bias, ``to_out_0``.
+
+    Call: ``x [batch, q_tokens, query_dim]``, ``context [batch, kv_tokens, context_dim]`` or None for
+    self-attention -> ``[batch, q_tokens, out_dim or query_dim]``.
+    """
+
+    heads: int
+    head_dim: int
+    out_dim: int | None = None
+    out_bias: bool = True
+    qkv_bias: bool = False
+    upcast: bool = False
+    implementation: str = "xla"
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        inner = self.heads * self.head_dim
+        context = x if context is None else context
+        dense = lambda name: nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)  # noqa: E731
+        q = split_heads(dense("to_q")(x), self.heads)
+        k = split_heads(dense("to_k")(context), self.heads)
+        v = split_heads(dense("to_v")(context), self.heads)
+        out = dot_product_attention(q, k, v, implementation=self.implementation, upcast=self.upcast)
+        return nn.Dense(self.out_dim or x.shape[-1], use_bias=self.out_bias, dtype=self.dtype, name="to_out_0")(
+            merge_heads(out)
+        )

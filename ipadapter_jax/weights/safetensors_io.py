@@ -1,0 +1,111 @@
+"""Reading and writing safetensors files and diffusers/transformers model folders, without torch.
+
+The reader parses the format itself (8-byte header length, JSON header, raw little-endian buffers) so that
+bfloat16 tensors come back as ``ml_dtypes.bfloat16`` numpy arrays and a truncated or malformed file is
+reported by name instead of surfacing as a crash deep inside a library.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class WeightFileError(ValueError):
+    """A weight file or folder is missing, truncated, malformed or does not match the model."""
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file as numpy arrays (copied out of the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            raise WeightFileError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise WeightFileError(f"{path}: truncated safetensors file (header of {header_len} bytes, file {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightFileError(f"{path}: malformed safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        data_start = 8 + header_len
+        out: dict[str, np.ndarray] = {}
+        if not header:
+            return out
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for name, info in header.items():
+                try:
+                    dtype = np.dtype(_DTYPES[info["dtype"]])
+                    begin, end = info["data_offsets"]
+                    shape = tuple(info["shape"])
+                except (KeyError, TypeError, ValueError):
+                    raise WeightFileError(f"{path}: malformed header entry for tensor {name!r}: {info}") from None
+                if data_start + end > size:
+                    raise WeightFileError(
+                        f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end}, "
+                        f"file has {size}"
+                    )
+                if end - begin != int(np.prod(shape)) * dtype.itemsize:
+                    raise WeightFileError(f"{path}: tensor {name!r}: byte range does not match shape {shape}")
+                out[name] = np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape)),
+                                          offset=data_start + begin).reshape(shape).copy()
+    return out
+
+
+def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write atomically: a crash mid-write never leaves a half file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightFileError(f"{path}: no such file")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_model_folder(folder: str | os.PathLike, weights_name: str) -> dict[str, np.ndarray]:
+    """Tensors of a diffusers/transformers model folder: ``{weights_name}.safetensors`` or its sharded
+    ``{weights_name}.safetensors.index.json`` with the shards beside it."""
+    folder = Path(folder)
+    single = folder / f"{weights_name}.safetensors"
+    index = folder / f"{weights_name}.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single)
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightFileError(f"{index}: no 'weight_map'")
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_safetensors(folder / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise WeightFileError(f"{index}: tensors listed in the index are absent from the shards: {missing[:10]}")
+        return tensors
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "no such folder"
+    raise WeightFileError(f"{folder}: expected {single.name} or {index.name}; found: {found}")
