@@ -68,7 +68,8 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 def _torch_key(path: tuple[str, ...]) -> str:
     leaf = "weight" if path[-1] in ("kernel", "scale", "embedding") else path[-1]
-    return f"{torch_prefix_of(path[:-1])}.{leaf}"
+    prefix = torch_prefix_of(path[:-1])
+    return f"{prefix}.{leaf}" if prefix else leaf
 
 
 def _to_flax_layout(leaf: str, array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,139 @@
+"""Reading and writing IP-Adapter files: the published layout round-trips exactly, what we write loads in
+diffusers' ``load_ip_adapter`` with the same outputs, and bad files fail with errors that name the problem."""
+
+from __future__ import annotations
+
+import pickle
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from conftest import random_ip_adapter_state, write_ip_adapter_state
+from ipadapter_jax import load_ip_adapter, save_ip_adapter
+from ipadapter_jax.models.adapter import check_adapter_fits, new_ip_adapter
+from ipadapter_jax.models.image_projection import ProjectionConfig
+from ipadapter_jax.weights.safetensors_io import WeightFileError
+from test_ip_adapter_parity import TOL, Setup
+
+WIDTHS = [32, 32, 64, 64, 64, 64]
+
+
+@pytest.mark.parametrize("variant", ["plain", "plus"])
+def test_round_trip_is_identical(variant, tmp_path):
+    state = random_ip_adapter_state(WIDTHS, 32, variant, seed=1)
+    write_ip_adapter_state(state, tmp_path / "in.safetensors")
+    save_ip_adapter(load_ip_adapter(tmp_path / "in.safetensors"), tmp_path / "out.safetensors")
+    a, b = load_file(str(tmp_path / "in.safetensors")), load_file(str(tmp_path / "out.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_variant_and_sizes_are_detected(tmp_path):
+    write_ip_adapter_state(random_ip_adapter_state(WIDTHS, 32, "plus", seed=2, queries=6), tmp_path / "p.safetensors")
+    adapter = load_ip_adapter(tmp_path / "p.safetensors")
+    assert adapter.projection == ProjectionConfig("plus", embed_dim=16, cross_attention_dim=32, num_tokens=6,
+                                                  hidden_dim=128, depth=4, heads=2, dim_head=64, ff_mult=4)
+    assert adapter.num_layers == len(WIDTHS)
+    assert adapter.project(jax.numpy.zeros((3, 5, 16))).shape == (3, 6, 32)
+
+
+def test_bin_is_read_with_the_safe_loader(tmp_path):
+    state = random_ip_adapter_state(WIDTHS, 32, "plain", seed=4)
+    torch.save({part: {k: torch.from_numpy(v) for k, v in d.items()} for part, d in state.items()},
+               tmp_path / "a.bin")
+    write_ip_adapter_state(state, tmp_path / "a.safetensors")
+    from_bin, from_st = load_ip_adapter(tmp_path / "a.bin"), load_ip_adapter(tmp_path / "a.safetensors")
+    for x, y in zip(jax.tree.leaves(from_bin.params), jax.tree.leaves(from_st.params)):
+        np.testing.assert_array_equal(x, y)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/ipadapter_jax_pwned",))
+
+
+def test_bin_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.bin"
+    with open(path, "wb") as f:
+        pickle.dump({"image_proj": _RunsCode(), "ip_adapter": {}}, f)
+    with pytest.raises(WeightFileError, match="refused"):
+        load_ip_adapter(path)
+    import os
+    assert not os.path.exists("/tmp/ipadapter_jax_pwned")
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    state = random_ip_adapter_state(WIDTHS, 32, "plain", seed=5)
+    del state["ip_adapter"]["3.to_v_ip.weight"]
+    write_ip_adapter_state(state, tmp_path / "missing.safetensors")
+    with pytest.raises(WeightFileError, match="layer 3 lacks.*to_v_ip"):
+        load_ip_adapter(tmp_path / "missing.safetensors")
+
+    state = random_ip_adapter_state(WIDTHS, 32, "plain", seed=5)
+    state["image_proj"]["norm.weight"] = np.ones(31, np.float32)
+    write_ip_adapter_state(state, tmp_path / "shape.safetensors")
+    with pytest.raises(WeightFileError, match="shape mismatches"):
+        load_ip_adapter(tmp_path / "shape.safetensors")
+
+    good = tmp_path / "good.safetensors"
+    write_ip_adapter_state(random_ip_adapter_state(WIDTHS, 32, "plain", seed=6), good)
+    data = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightFileError, match="truncated"):
+        load_ip_adapter(tmp_path / "cut.safetensors")
+
+
+def test_adapter_for_another_base_is_rejected(tiny_unet_dirs, tmp_path):
+    from ipadapter_jax.weights.load_unet import load_unet
+
+    _, _, config = load_unet(tiny_unet_dirs["sdxl"])
+    write_ip_adapter_state(random_ip_adapter_state(WIDTHS, 32, "plain", seed=7), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="made for another base model"):
+        check_adapter_fits(config, load_ip_adapter(tmp_path / "a.safetensors"))
+
+
+def test_what_we_save_loads_in_diffusers_with_the_same_outputs(tiny_unet_dirs, tmp_path):
+    from diffusers.loaders.ip_adapter import IPAdapterMixin
+
+    setup = Setup("sd15", tiny_unet_dirs["sd15"])
+    for variant, projection in (("plain", ProjectionConfig("plain", embed_dim=16, cross_attention_dim=32)),
+                                ("plus", ProjectionConfig("plus", embed_dim=16, cross_attention_dim=32, num_tokens=8,
+                                                          hidden_dim=128, heads=2, dim_head=64))):
+        adapter = new_ip_adapter(setup.config, setup.params, projection, jax.random.key(0))
+        # The paper's init copies to_k/to_v; perturb so the image branch differs from the text branch.
+        leaves, tree = jax.tree.flatten(adapter.params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        adapter.params = jax.tree.unflatten(
+            tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+        save_ip_adapter(adapter, tmp_path / f"{variant}.safetensors")
+
+        class Holder(IPAdapterMixin):  # the pipeline mixin's real loading code, on a bare UNet
+            unet = setup.torch_unet
+
+        Holder().load_ip_adapter(str(tmp_path), subfolder="", weight_name=f"{variant}.safetensors")
+        features = [setup.features(variant, 0)]
+        for scale in (0.5, 1.0):
+            Holder().set_ip_adapter_scale(scale)
+            added = dict(setup.torch_added, image_embeds=[f.unsqueeze(1) for f in features])
+            with torch.no_grad():
+                ref = setup.torch_unet(setup.x, setup.t, setup.text, added_cond_kwargs=added).sample.numpy()
+            ours = setup.run_ours([adapter], features, scale)
+            assert np.abs(ours - ref).max() <= TOL, (variant, scale, np.abs(ours - ref).max())
+
+
+def test_new_adapter_copies_text_projections(tiny_unet_dirs):
+    from ipadapter_jax.weights.load_unet import load_unet
+
+    _, params, config = load_unet(tiny_unet_dirs["sd15"])
+    adapter = new_ip_adapter(config, params, ProjectionConfig("plain", embed_dim=16, cross_attention_dim=32),
+                             jax.random.key(0))
+    first = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn2"]
+    np.testing.assert_array_equal(adapter.params["layers"][0]["to_k_ip"], first["to_k"]["kernel"])
+    np.testing.assert_array_equal(adapter.params["layers"][0]["to_v_ip"], first["to_v"]["kernel"])
+    check_adapter_fits(config, adapter)
