@@ -1,14 +1,12 @@
 """Parity of our JAX noise schedule and samplers with diffusers' PyTorch schedulers.
 
 Metric for latents: ``rel_err = max|ours - ref| / max(1, max|ref|)`` after every step, which must stay
-<= 1e-5 (latents scale with sigma, up to ~4096 for zero-terminal-SNR Euler). Timesteps must be equal.
+<= 1e-5 (latents scale with sigma, up to ~4096 for zero-terminal-SNR Euler; that one case allows 5e-5,
+see LOOSER_TOLERANCE). Timesteps must be equal.
 Both sides are driven by the same deterministic stand-in for a UNet, evaluated on their own latents.
 """
 
 from __future__ import annotations
-
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,20 @@ from ipadapter_jax.diffusion.euler import EulerSampler
 from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule
 from ipadapter_jax.diffusion.samplers import from_diffusers_config, make_sampler, sample_loop
 
-SD15 = json.loads(pathlib.Path("/work/shared/reference/configs/sd15_scheduler.json").read_text())
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (= shared/reference/configs/sd15_scheduler.json),
+# inlined so the test needs no file outside the repository.
+SD15 = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
 SDXL = {
     "_class_name": "EulerDiscreteScheduler",
@@ -134,6 +145,7 @@ def build_pair(name: str, config: dict, steps: int):
 @pytest.mark.parametrize(("name", "config_name", "config", "steps"), CASES, ids=CASE_IDS)
 def test_sampler_matches_diffusers_step_by_step(name, config_name, config, steps):
     reference, sampler = build_pair(name, config, steps)
+    assert isinstance(sampler, OURS[name])
     ref_timesteps = reference.timesteps.numpy()
     ours_timesteps = np.asarray(sampler.timesteps)
     assert ours_timesteps.shape == ref_timesteps.shape
