@@ -61,7 +61,7 @@ class ImageProjModel(nn.Module):
         c = self.config
         tokens = nn.Dense(c.num_tokens * c.cross_attention_dim, name="proj")(embeds)
         tokens = tokens.reshape(embeds.shape[0], c.num_tokens, c.cross_attention_dim)
-        return nn.LayerNorm(epsilon=1e-5, name="norm")(tokens)
+        return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="norm")(tokens)
 
 
 class MLPProjModel(nn.Module):
@@ -74,7 +74,7 @@ class MLPProjModel(nn.Module):
         c = self.config
         h = nn.gelu(nn.Dense(c.embed_dim, name="proj_0")(hidden_states), approximate=False)
         h = nn.Dense(c.cross_attention_dim, name="proj_2")(h)
-        return nn.LayerNorm(epsilon=1e-5, name="proj_3")(h)
+        return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="proj_3")(h)
 
 
 class PerceiverAttention(nn.Module):
@@ -85,8 +85,8 @@ class PerceiverAttention(nn.Module):
 
     @nn.compact
     def __call__(self, features: jax.Array, latents: jax.Array) -> jax.Array:
-        features = nn.LayerNorm(epsilon=1e-5, name="norm1")(features)
-        latents = nn.LayerNorm(epsilon=1e-5, name="norm2")(latents)
+        features = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="norm1")(features)
+        latents = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="norm2")(latents)
         inner = self.heads * self.dim_head
         q = split_heads(nn.Dense(inner, use_bias=False, name="to_q")(latents), self.heads)
         kv = nn.Dense(2 * inner, use_bias=False, name="to_kv")(jnp.concatenate([features, latents], axis=1))
@@ -109,11 +109,11 @@ class Resampler(nn.Module):
         features = nn.Dense(c.hidden_dim, name="proj_in")(hidden_states)
         for i in range(c.depth):
             latents = latents + PerceiverAttention(c.heads, c.dim_head, name=f"layers_{i}_0")(features, latents)
-            h = nn.LayerNorm(epsilon=1e-5, name=f"layers_{i}_1_0")(latents)
+            h = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name=f"layers_{i}_1_0")(latents)
             h = nn.gelu(nn.Dense(c.ff_mult * c.hidden_dim, use_bias=False, name=f"layers_{i}_1_1")(h),
                         approximate=False)
             latents = latents + nn.Dense(c.hidden_dim, use_bias=False, name=f"layers_{i}_1_3")(h)
-        return nn.LayerNorm(epsilon=1e-5, name="norm_out")(nn.Dense(c.cross_attention_dim, name="proj_out")(latents))
+        return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="norm_out")(nn.Dense(c.cross_attention_dim, name="proj_out")(latents))
 
 
 def projection_module(config: ProjectionConfig) -> nn.Module:

@@ -98,7 +98,7 @@ class UNet2DConditionModel(nn.Module):
             )(x, block_skips, temb, context, image_tokens,
               upsample_size=None if is_final else skips[-1].shape[1:3])
 
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)
+        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype, use_fast_variance=False, name="conv_norm_out")(x)
         return nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                        name="conv_out")(nn.silu(x))
 

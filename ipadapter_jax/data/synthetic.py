@@ -1,0 +1,93 @@
+"""Tiny synthetic data for tests and smoke runs: encoded images, webdataset shards, and a small
+CLIP-style BPE tokenizer folder. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import string
+import tarfile
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+_TOKEN_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
+_TOKEN_MERGES = ("a t</w>", "c at</w>", "d o", "do g</w>", "t h", "th e</w>", "r e", "re d</w>")
+
+
+def random_image(height: int, width: int, seed: int, mode: str = "RGB") -> Image.Image:
+    """A random-noise PIL image in `mode` (RGB, RGBA, L, LA, P, CMYK, I;16)."""
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2, "CMYK": 4, "P": 3}[mode]
+    array = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    if channels == 1:
+        return Image.fromarray(array[..., 0], mode="L")
+    if mode == "P":
+        return Image.fromarray(array, mode="RGB").quantize(16)
+    if mode == "LA":
+        return Image.fromarray(array, mode="LA")
+    if mode == "CMYK":
+        return Image.fromarray(array[..., :3], mode="RGB").convert("CMYK")
+    return Image.fromarray(array, mode=mode)
+
+
+def encode_image(image: Image.Image, fmt: str = "JPEG", **save_kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_kwargs)
+    return buffer.getvalue()
+
+
+def write_tar(path: str | os.PathLike, members: Sequence[tuple[str, bytes]]) -> None:
+    """A plain tar with the given (name, bytes) members, in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+def write_image_shard(
+    path: str | os.PathLike,
+    keys: Sequence[str],
+    *,
+    size: tuple[int, int] = (40, 56),
+    seed: int = 0,
+    fmt: str = "JPEG",
+) -> None:
+    """A shard of ``key.jpg`` (random image, seeded per key) + ``key.txt`` ("a photo of <key>")."""
+    ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+    members = []
+    for key in keys:
+        image = random_image(size[0], size[1], seed=hash_key(key, seed))
+        members.append((f"{key}.{ext}", encode_image(image, fmt)))
+        members.append((f"{key}.txt", f"a photo of {key}".encode()))
+    write_tar(path, members)
+
+
+def hash_key(key: str, seed: int = 0) -> int:
+    return int.from_bytes(key.encode("utf-8")[-8:].rjust(8, b"\0"), "little") ^ seed
+
+
+def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> str:
+    """A CLIP-style byte-level BPE tokenizer folder (vocab.json + merges.txt) with a few dozen
+    tokens: single characters (with and without the ``</w>`` end-of-word mark) and a few merges."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for char in _TOKEN_CHARS:
+            vocab[char + suffix] = len(vocab)
+    for merge in _TOKEN_MERGES:
+        left, right = merge.split()
+        vocab[left + right] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(_TOKEN_MERGES) + "\n")
+    return folder

@@ -1,0 +1,212 @@
+"""Optional TensorFlow-Datasets source for image/caption datasets, with the same batches and
+counters as `WebDatasetSource`.
+
+``tensorflow-datasets`` (and TensorFlow) are optional: they are imported only when a `TfdsSource`
+is built, with a clear ImportError if missing. Images are read as encoded bytes
+(``tfds.decode.SkipDecoding``) and decoded by our own robust PIL path, so bad images are counted
+and skipped the same way.
+
+Per-process data: ``tfds.split_for_jax_process(split)`` (even, disjoint slices). Order: files are
+shuffled with a per-epoch seed f(seed, epoch), records in file order. Resume: the state counts the
+records taken in the current epoch; restoring rebuilds the epoch's dataset and ``skip``s them (the
+records are read again, but images are not decoded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ipadapter_jax.data.counters import SampleCounters
+from ipadapter_jax.data.examples import BatchCollator, Example, ExampleProcessor
+from ipadapter_jax.data.image_ops import ImageDecodeError
+from ipadapter_jax.data.shards import resolve_process
+
+STATE_FORMAT = "ipadapter_jax.tfds_source/1"
+
+
+def import_tfds():
+    """The ``tensorflow_datasets`` module, or an ImportError that says what to install."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as exc:
+        raise ImportError(
+            "TfdsSource needs tensorflow-datasets and tensorflow (pip install tensorflow-datasets "
+            "tensorflow-cpu); they are optional and not installed. The webdataset source "
+            "(ipadapter_jax.data.webdataset_source) needs neither."
+        ) from exc
+    return tfds
+
+
+def _lookup(element: dict, path: str) -> Any:
+    value: Any = element
+    for part in path.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def element_image_and_caption(
+    element: dict, image_key: str, caption_key: str
+) -> tuple[bytes | None, str | None, str | None]:
+    """(image bytes, caption, skip reason) from one numpy TFDS element.
+
+    Keys may be nested with "/" (``"captions/text"``). A caption feature holding several captions
+    (a sequence) gives its first one, so the choice is deterministic.
+    """
+    image = _lookup(element, image_key)
+    if image is None:
+        return None, None, "missing_image"
+    image_bytes = bytes(image.item() if isinstance(image, np.ndarray) and image.ndim == 0 else image)
+    caption = _lookup(element, caption_key)
+    if isinstance(caption, np.ndarray) and caption.ndim > 0:
+        caption = caption.reshape(-1)[0] if caption.size else None
+    elif isinstance(caption, (list, tuple)):
+        caption = caption[0] if caption else None
+    if isinstance(caption, np.ndarray):
+        caption = caption.item()
+    if caption is None:
+        return image_bytes, None, "missing_caption"
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            return image_bytes, None, "bad_caption"
+    if not isinstance(caption, str):
+        return image_bytes, None, "bad_caption"
+    caption = caption.strip()
+    if not caption:
+        return image_bytes, None, "missing_caption"
+    return image_bytes, caption, None
+
+
+class TfdsSource:
+    """Iterator of local batches from a prepared TFDS dataset (``data_dir`` may be ``gs://``).
+
+    Args mirror `WebDatasetSource`; ``name`` / ``split`` / ``data_dir`` select the dataset,
+    ``image_key`` / ``caption_key`` the features. Decoding is inline (single-threaded).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        global_batch_size: int,
+        processor: ExampleProcessor,
+        collator: BatchCollator,
+        split: str = "train",
+        data_dir: str | None = None,
+        image_key: str = "image",
+        caption_key: str = "caption",
+        seed: int = 0,
+        num_epochs: int | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        state: dict | None = None,
+    ):
+        self._tfds = import_tfds()
+        self.process_index, self.process_count = resolve_process(process_index, process_count)
+        if global_batch_size % self.process_count:
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by process_count {self.process_count}"
+            )
+        self.local_batch_size = global_batch_size // self.process_count
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.caption_key = image_key, caption_key
+        self.processor, self.collator = processor, collator
+        self.seed, self.num_epochs = int(seed), num_epochs
+        self._builder = self._tfds.builder(name, data_dir=data_dir)
+        self._process_split = self._tfds.split_for_jax_process(
+            split, process_index=self.process_index, process_count=self.process_count, drop_remainder=True
+        )
+        self._epoch, self._taken, self._batches_emitted = 0, 0, 0
+        self.counters = SampleCounters()
+        if state is not None:
+            self._load_state(state)
+        self._elements: Iterator | None = None
+
+    def _fingerprint(self) -> dict:
+        return {
+            "name": self.name,
+            "split": self.split,
+            "seed": self.seed,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "local_batch_size": self.local_batch_size,
+        }
+
+    def get_state(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "epoch": self._epoch,
+            "records_taken": self._taken,
+            "batches_emitted": self._batches_emitted,
+            "counters": self.counters.to_dict(),
+            "fingerprint": self._fingerprint(),
+        }
+
+    def _load_state(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a TFDS source state: format={state.get('format')!r}")
+        if state.get("fingerprint") != self._fingerprint():
+            raise ValueError(f"state fingerprint {state.get('fingerprint')} != {self._fingerprint()}")
+        self._epoch, self._taken = int(state["epoch"]), int(state["records_taken"])
+        self._batches_emitted = int(state["batches_emitted"])
+        self.counters = SampleCounters.from_dict(state["counters"])
+
+    def _epoch_elements(self) -> Iterator[dict]:
+        tfds = self._tfds
+        epoch_seed = int(np.random.SeedSequence([self.seed, self._epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+        dataset = self._builder.as_dataset(
+            split=self._process_split,
+            shuffle_files=True,
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, shuffle_reshuffle_each_iteration=False),
+        )
+        if self._taken:
+            dataset = dataset.skip(self._taken)
+        return iter(tfds.as_numpy(dataset))
+
+    def _next_element(self) -> dict:
+        while True:
+            if self.num_epochs is not None and self._epoch >= self.num_epochs:
+                raise StopIteration
+            if self._elements is None:
+                self._elements = self._epoch_elements()
+            try:
+                element = next(self._elements)
+            except StopIteration:
+                if self._taken == 0:
+                    raise RuntimeError(f"TFDS split {self._process_split!r} of {self.name} is empty")
+                self._epoch, self._taken, self._elements = self._epoch + 1, 0, None
+                continue
+            self._taken += 1
+            return element
+
+    def __iter__(self) -> "TfdsSource":
+        return self
+
+    def __next__(self) -> dict:
+        examples: list[Example] = []
+        while len(examples) < self.local_batch_size:
+            element = self._next_element()
+            image_bytes, caption, reason = element_image_and_caption(element, self.image_key, self.caption_key)
+            if reason is None:
+                rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._epoch, self._taken, 0x5EED]))
+                try:
+                    example = self.processor.process(image_bytes, caption, f"{self._epoch}/{self._taken - 1}", rng)
+                except ImageDecodeError as exc:
+                    reason = exc.reason
+            if reason is not None:
+                self.counters.skip(reason)
+                continue
+            self.counters.used += 1
+            self.counters.convert(example.conversion)
+            examples.append(example)
+        batch = self.collator(examples, step=self._batches_emitted, process_index=self.process_index)
+        self._batches_emitted += 1
+        batch["counters"] = self.counters.to_dict()
+        return batch
