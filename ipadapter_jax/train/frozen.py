@@ -5,7 +5,7 @@ A base model folder has diffusers' layout: ``unet/ vae/ text_encoder/ tokenizer/
 ``text_encoder_2/ tokenizer_2/`` for SDXL, recognised by the UNet's ``addition_embed_type="text_time"``).
 The image encoder (a transformers ``CLIPVisionModelWithProjection`` folder such as h94/IP-Adapter's
 ``models/image_encoder``) is ``model_dir/image_encoder`` unless given separately; its
-``preprocessor_config.json``, when present, configures CLIP preprocessing (else OpenAI CLIP's 224px).
+``preprocessor_config.json`` (or the base model's ``feature_extractor/``) configures CLIP preprocessing.
 
 Weights are read on the host in float32 (the adapter's paper initialisation copies the UNet's to_k/to_v
 from these); ``FrozenModels.params_in(dtype)`` gives the tree to place on the devices in the compute dtype.
@@ -147,9 +147,7 @@ def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | No
         raise WeightFileError(f"{image_encoder_dir}: the image encoder has no visual_projection; IP-Adapter "
                               f"needs a CLIPVisionModelWithProjection")
     scheduler_config = read_json(model_dir / "scheduler" / "scheduler_config.json")
-    preprocessor = image_encoder_dir / "preprocessor_config.json"
-    clip_image_config = (ClipImageProcessingConfig.from_json(preprocessor) if preprocessor.is_file()
-                         else ClipImageProcessingConfig())
+    clip_image_config = clip_preprocessing(model_dir, image_encoder_dir, image_config.image_size)
     if (clip_image_config.crop_height, clip_image_config.crop_width) != (image_config.image_size,) * 2:
         raise WeightFileError(f"{image_encoder_dir}: CLIP preprocessing crops to {clip_image_config.crop_height}x"
                               f"{clip_image_config.crop_width} but the encoder takes {image_config.image_size}px")
@@ -171,6 +169,16 @@ def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | No
         text_length=text_config.max_position_embeddings,
     )
     return FrozenModels(modules, params)
+
+
+def clip_preprocessing(model_dir: Path, image_encoder_dir: Path, image_size: int) -> ClipImageProcessingConfig:
+    """The image prompt's CLIP preprocessing, chosen as the pipeline chooses it (so training sees what
+    inference will): the base model's ``feature_extractor/``, else the encoder folder's
+    ``preprocessor_config.json``, else ``CLIPImageProcessor``'s defaults at the encoder's size."""
+    for folder in (model_dir / "feature_extractor", image_encoder_dir):
+        if (folder / "preprocessor_config.json").is_file():
+            return ClipImageProcessingConfig.from_json(folder / "preprocessor_config.json")
+    return ClipImageProcessingConfig(shortest_edge=image_size, crop_height=image_size, crop_width=image_size)
 
 
 class TextConditioning(NamedTuple):

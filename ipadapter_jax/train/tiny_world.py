@@ -27,18 +27,24 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ipadapter_jax.data.synthetic import write_tar, write_tiny_clip_tokenizer
+from ipadapter_jax.data.tokenize import CaptionTokenizer
+from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule
+from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig, encode_to_latents
-from ipadapter_jax.weights.load_clip import init_clip_text_encoder, init_clip_vision_encoder
+from ipadapter_jax.train.tiny_pretrain import pretrain_unet
+from ipadapter_jax.weights.load_clip import build_clip_text_encoder, init_clip_text_encoder, init_clip_vision_encoder
 from ipadapter_jax.weights.load_unet import save_unet, unet_param_shapes
 from ipadapter_jax.weights.load_vae import save_vae, vae_param_shapes
 from ipadapter_jax.weights.safetensors_io import write_safetensors
 from ipadapter_jax.weights.torch_layout import flax_to_torch
 
-TEXT_LENGTH = 16  # tokens per caption: captions here are a few words
+TEXT_LENGTH = 77  # CLIP's caption length, which the pipeline's tokenizers assume
 IMAGE_ENCODER_SIZE = 32  # the tiny CLIP image encoder's input side
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
 SHAPES = ("circle", "square", "triangle")
+PRETRAIN_STEPS = 400  # text-conditioned UNet training steps (see tiny_pretrain)
+PRETRAIN_IMAGES = 512  # synthetic images the UNet is pretrained on
 MARKER = "tiny_world.json"  # written last: a folder without it is incomplete and is rebuilt
 
 TINY_UNET = {
@@ -54,7 +60,7 @@ TINY_UNET = {
 TINY_VAE = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8,
                 sample_size=64)
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-             "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "v_prediction",
              "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
 
 
@@ -112,12 +118,15 @@ def _vae_scaling_factor(config: VAEConfig, params: dict, images: np.ndarray) -> 
     return float(1.0 / np.std(np.asarray(latents)))
 
 
-def write_tiny_model(folder: str | os.PathLike, seed: int = 0, arch: str = "sd15") -> Path:
-    """A random diffusers-layout base model (plus ``image_encoder/``) in ``folder``; returns the folder.
+def write_tiny_model(folder: str | os.PathLike, seed: int = 0, arch: str = "sd15",
+                     pretrain_steps: int = PRETRAIN_STEPS) -> Path:
+    """A tiny diffusers-layout base model (plus ``image_encoder/``) in ``folder``; returns the folder.
 
-    Deterministic in ``seed``; reuses a complete folder written earlier with the same seed and arch."""
+    Random encoders and VAE; the sd15 UNet gets ``pretrain_steps`` of text-conditioned diffusion training
+    on synthetic shapes (see ``tiny_pretrain``), the sdxl one stays random (it only serves shape checks).
+    Deterministic in the arguments; reuses a complete folder written earlier with the same ones."""
     folder = Path(folder)
-    marker = {"seed": seed, "arch": arch, "version": 1}
+    marker = {"seed": seed, "arch": arch, "pretrain_steps": pretrain_steps, "version": 4}
     if (folder / MARKER).is_file() and json.loads((folder / MARKER).read_text()) == marker:
         return folder
     if arch not in TINY_UNET:
@@ -135,18 +144,16 @@ def write_tiny_model(folder: str | os.PathLike, seed: int = 0, arch: str = "sd15
         text_configs = [("text_encoder", _text_config(vocab_size, 16, 16, False)),
                         ("text_encoder_2", _text_config(vocab_size, cross - 16, pooled, True))]
         write_tiny_clip_tokenizer(folder / "tokenizer_2")
-    for i, (name, config) in enumerate(text_configs):
+    text_params = []
+    for name, config in text_configs:
         _, shapes = init_clip_text_encoder(config, shapes_only=True)
-        _write_transformers_folder(folder / name, config, random_params(shapes, rng))
+        text_params.append(random_params(shapes, rng))
+        _write_transformers_folder(folder / name, config, text_params[-1])
 
     vision = _vision_config(projection=32)
     _, shapes = init_clip_vision_encoder(vision, shapes_only=True)
     _write_transformers_folder(folder / "image_encoder", vision, random_params(shapes, rng))
     (folder / "image_encoder" / "preprocessor_config.json").write_text(json.dumps(_clip_preprocessor_config()))
-
-    unet_config = UNetConfig.from_diffusers(unet_raw)
-    unet_params = random_params(unet_param_shapes(unet_config), rng)
-    save_unet(unet_params, unet_raw, folder / "unet")
 
     vae_config = VAEConfig.from_diffusers(TINY_VAE)
     vae_params = random_params(vae_param_shapes(vae_config), rng)
@@ -155,10 +162,35 @@ def write_tiny_model(folder: str | os.PathLike, seed: int = 0, arch: str = "sd15
     vae_config = VAEConfig(**{**vae_config.__dict__, "scaling_factor": _vae_scaling_factor(vae_config, vae_params, probe)})
     save_vae(vae_config, vae_params, folder / "vae")
 
+    unet_config = UNetConfig.from_diffusers(unet_raw)
+    unet_params = random_params(unet_param_shapes(unet_config), rng)
+    if arch == "sd15" and pretrain_steps:
+        unet_params = _pretrained_unet(folder, unet_config, unet_params, vae_config, vae_params, text_params[0],
+                                       text_configs[0][1], pretrain_steps, seed)
+    save_unet(unet_params, unet_raw, folder / "unet")
+
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
+    pipeline = "StableDiffusionPipeline" if arch == "sd15" else "StableDiffusionXLPipeline"
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
     (folder / MARKER).write_text(json.dumps(marker))
     return folder
+
+
+def _pretrained_unet(folder: Path, unet_config: UNetConfig, unet_params: dict, vae_config: VAEConfig,
+                     vae_params: dict, text_params: dict, text_config: dict, steps: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed + 1)
+    images, captions = zip(*(_shape_image(64, 64, rng) for _ in range(PRETRAIN_IMAGES)))
+    pixels = np.stack([np.asarray(im, np.float32) / 127.5 - 1 for im in images])
+    tokenizer = CaptionTokenizer(folder / "tokenizer", max_length=TEXT_LENGTH)
+    text_module = build_clip_text_encoder(text_config)[0]
+    encode_text = jax.jit(lambda ids: text_module.apply({"params": text_params}, ids,
+                                                        output_hidden_states=False).last_hidden_state)
+    latents = jax.jit(lambda x: encode_to_latents(AutoencoderKL(vae_config), vae_params, x, None, vae_config))(pixels)
+    schedule = NoiseSchedule.from_config(SCHEDULER)
+    return pretrain_unet(UNet2DConditionModel(unet_config), unet_params, np.asarray(latents),
+                         np.asarray(encode_text(tokenizer(list(captions)))), np.asarray(encode_text(tokenizer([""])))[0],
+                         schedule, steps=steps, seed=seed)
 
 
 def _shape_image(width: int, height: int, rng: np.random.Generator) -> tuple[Image.Image, str]:
