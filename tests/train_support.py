@@ -24,18 +24,21 @@ from ipadapter_jax.train import tiny_world  # noqa: E402
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("jax_cache")
+def use_compile_cache(path: Path) -> Path:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory, compile_cache) -> dict:
-    """``{"model": dir, "shards": spec, "heldout": path, "cache": dir}``: the tiny world, written once."""
-    root = tmp_path_factory.mktemp("tiny_world")
+def world(request) -> dict:
+    """``{"model": dir, "shards": spec, "heldout": path, "cache": dir}``: the tiny world and a compilation
+    cache (used by this process and every ``train.py`` subprocess), both kept in pytest's cache folder:
+    the tiny world is deterministic and rewritten whenever its generator's arguments or version change,
+    and JAX keys compiled programs by their full contents, so reuse across sessions is safe
+    (``pytest --cache-clear`` starts afresh)."""
+    compile_cache = use_compile_cache(Path(request.config.cache.mkdir("ipadapter_jax_compile_cache")))
+    root = Path(request.config.cache.mkdir("ipadapter_jax_tiny_world"))
     model = tiny_world.write_tiny_model(root / "model", seed=0)
     shards = tiny_world.write_shape_shards(root / "shards", seed=0)
     return {"model": str(model), "shards": shards, "heldout": tiny_world.heldout_shard(root / "shards"),

@@ -110,6 +110,10 @@ class Checkpointer:
         rng = jax.random.wrap_key_data(restored["rng"]["key_data"])
         return state, rng, restored["data"], restored["config"]
 
+    def read_json(self, step: int, item: str) -> dict:
+        """One JSON item (``step``, ``data`` or ``config``) of a checkpoint, without restoring arrays."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
 

@@ -20,7 +20,7 @@ from ipadapter_jax.models.unet import UNet2DConditionModel
 
 def pretrain_unet(unet: UNet2DConditionModel, params: dict, latents: np.ndarray, contexts: np.ndarray,
                   empty_context: np.ndarray, schedule: NoiseSchedule, *, steps: int, seed: int,
-                  batch_size: int = 32, learning_rate: float = 1e-3, drop_text: float = 0.1) -> dict:
+                  batch_size: int = 16, learning_rate: float = 1e-3, drop_text: float = 0.1) -> dict:
     """Full-parameter diffusion training of ``unet`` on precomputed ``latents [N, h, w, C]`` with text
     ``contexts [N, T, D]`` (replaced by ``empty_context [T, D]`` with probability ``drop_text``, so the
     model also works unconditionally). Returns float32 numpy params."""

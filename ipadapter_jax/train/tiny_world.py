@@ -43,7 +43,7 @@ TEXT_LENGTH = 77  # CLIP's caption length, which the pipeline's tokenizers assum
 IMAGE_ENCODER_SIZE = 32  # the tiny CLIP image encoder's input side
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
 SHAPES = ("circle", "square", "triangle")
-PRETRAIN_STEPS = 400  # text-conditioned UNet training steps (see tiny_pretrain)
+PRETRAIN_STEPS = 300  # text-conditioned UNet training steps (see tiny_pretrain)
 PRETRAIN_IMAGES = 512  # synthetic images the UNet is pretrained on
 MARKER = "tiny_world.json"  # written last: a folder without it is incomplete and is rebuilt
 
@@ -126,7 +126,7 @@ def write_tiny_model(folder: str | os.PathLike, seed: int = 0, arch: str = "sd15
     on synthetic shapes (see ``tiny_pretrain``), the sdxl one stays random (it only serves shape checks).
     Deterministic in the arguments; reuses a complete folder written earlier with the same ones."""
     folder = Path(folder)
-    marker = {"seed": seed, "arch": arch, "pretrain_steps": pretrain_steps, "version": 4}
+    marker = {"seed": seed, "arch": arch, "pretrain_steps": pretrain_steps, "version": 6}
     if (folder / MARKER).is_file() and json.loads((folder / MARKER).read_text()) == marker:
         return folder
     if arch not in TINY_UNET:
@@ -157,6 +157,11 @@ def write_tiny_model(folder: str | os.PathLike, seed: int = 0, arch: str = "sd15
 
     vae_config = VAEConfig.from_diffusers(TINY_VAE)
     vae_params = random_params(vae_param_shapes(vae_config), rng)
+    # A trained VAE's posterior is narrow; a random one's is wider than its mean's spread, which would bury
+    # the images in sampling noise. Pin the log-variance at the clamp's floor (posterior std ~ 3e-7).
+    latent = vae_config.latent_channels
+    vae_params["quant_conv"]["kernel"][..., latent:] = 0.0
+    vae_params["quant_conv"]["bias"][latent:] = -30.0
     probe = np.stack([np.asarray(_shape_image(64, 64, np.random.default_rng(i))[0], np.float32) / 127.5 - 1
                       for i in range(16)])
     vae_config = VAEConfig(**{**vae_config.__dict__, "scaling_factor": _vae_scaling_factor(vae_config, vae_params, probe)})
