@@ -91,8 +91,9 @@ class Checkpointer:
 
     def restore(self, abstract_state: TrainState, abstract_rng_data: jax.ShapeDtypeStruct,
                 step: int | None = None) -> tuple[TrainState, jax.Array, dict, dict]:
-        """``(state, rng, data, config_dict)`` of ``step`` (default: the latest), laid out as
-        ``abstract_state`` (ShapeDtypeStructs with shardings) says. ``data`` is the saved ``data`` item."""
+        """``(state, rng_data, data, config_dict)`` of ``step`` (default: the latest), laid out as
+        ``abstract_state`` (ShapeDtypeStructs with shardings) says. ``rng_data`` is the base PRNG key's raw
+        data (``sharding.replicated_key`` makes it a key); ``data`` is the saved ``data`` item."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.workdir / 'checkpoints'}")
@@ -107,8 +108,7 @@ class Checkpointer:
         saved_step = int(restored["step"]["step"])
         step_array = jax.device_put(np.asarray(saved_step, np.int32), abstract_state.step.sharding)
         state = TrainState(step=step_array, params=restored["adapter"], opt_state=restored["opt_state"])
-        rng = jax.random.wrap_key_data(restored["rng"]["key_data"])
-        return state, rng, restored["data"], restored["config"]
+        return state, restored["rng"]["key_data"], restored["data"], restored["config"]
 
     def read_json(self, step: int, item: str) -> dict:
         """One JSON item (``step``, ``data`` or ``config``) of a checkpoint, without restoring arrays."""

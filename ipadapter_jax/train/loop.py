@@ -25,7 +25,7 @@ from ipadapter_jax.train.config import TrainConfig
 from ipadapter_jax.train.data_feed import DataFeed, make_source
 from ipadapter_jax.train.metrics_log import MetricsLog, truncate_metrics
 from ipadapter_jax.train.setup import TrainingSetup, batch_partition_spec, build_setup, step_batch_keys
-from ipadapter_jax.train.sharding import put_host_tree
+from ipadapter_jax.train.sharding import put_host_tree, replicated_key
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +89,12 @@ def _initial_state(setup: TrainingSetup, checkpointer: Checkpointer, resume: boo
                               f"in another workdir")
     if latest is None:
         init_rng, rng = jax.random.split(jax.random.key(setup.config.seed))
-        rng = jax.device_put(rng, setup.replicated)
         kv = put_host_tree(setup.kv, jax.tree.map(lambda _: setup.replicated, setup.kv))
-        state = setup.init_state(jax.device_put(init_rng, setup.replicated), kv)
+        state = setup.init_state(replicated_key(init_rng, setup.mesh), kv)
+        rng = replicated_key(rng, setup.mesh)
         return state, rng, None, None
     state, rng, data_saved, saved_config = checkpointer.restore(setup.abstract_state, setup.abstract_rng_data)
-    rng = jax.device_put(rng, setup.replicated)
+    rng = replicated_key(rng, setup.mesh)
     changed = _changed_keys(saved_config, setup.config.to_dict())
     if changed:
         logger.warning("resuming with config changes: %s", ", ".join(changed))

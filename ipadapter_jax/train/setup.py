@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
 from ipadapter_jax.models.image_projection import ProjectionConfig
@@ -69,11 +69,17 @@ def tiny_world_paths(config: TrainConfig, workdir: Path) -> tuple[Path, str]:
             tiny_world.write_tiny_model(model_dir, seed=config.seed)
         if not config.data.shards:
             tiny_world.write_shape_shards(shards_dir, seed=config.seed)
-    if jax.process_count() > 1 and not (config.model.model_dir and config.data.shards):
-        multihost_utils.sync_global_devices("tiny_world_written")
+    if not (config.model.model_dir and config.data.shards):
+        wait_for_all_processes("tiny_world_written")
     # On every process: the shard spec (the shards themselves were written above and are reused).
     shards = config.data.shards or tiny_world.write_shape_shards(shards_dir, seed=config.seed)
     return model_dir, shards
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 3600) -> None:
+    """A barrier on the coordination service, with a timeout long enough for a slow host (no-op for one)."""
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
 
 
 def projection_config(config: TrainConfig, frozen_models: FrozenModels) -> ProjectionConfig:
@@ -139,6 +145,9 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     compiled = jitted.lower(abstract_state, abstract_frozen, _with_shardings(batch, batch_sh),
                             abstract_rng).compile()
     _log_memory(compiled)
+    # Processes finish loading and compiling at different times (a compilation-cache hit on one, a miss on
+    # another); the first collective after this would time out (gloo waits 30 s) if one were minutes late.
+    wait_for_all_processes("setup_done")
     rng_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainingSetup(
         config=config, workdir=workdir, mesh=mesh, model_dir=model_dir, shards=shards,

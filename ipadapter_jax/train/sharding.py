@@ -87,3 +87,13 @@ def put_host_tree(host_tree: Any, shardings: Any) -> Any:
         value = np.asarray(value)
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
     return jax.tree.map(put, host_tree, shardings)
+
+
+def replicated_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+    """A PRNG key (or its raw data) as a key array replicated over ``mesh``. ``device_put`` cannot target
+    other processes' devices, so local values are placed from the host and wrapped under ``jit``."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    if isinstance(key, np.ndarray) or key.is_fully_addressable:
+        key = put_host_tree(np.asarray(jax.device_get(key)), replicated(mesh))
+    return jax.jit(jax.random.wrap_key_data, out_shardings=replicated(mesh))(key)
