@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ipadapter_jax import IPAdapterPipeline
-from pipeline_fixtures import build_pipeline_dir, reference_image, write_adapter
+from ipadapter_jax.testing.reference_pipelines import build_pipeline_dir, reference_image, write_adapter
 
 TOL = 2e-3
 STEPS = 4

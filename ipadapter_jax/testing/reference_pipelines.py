@@ -1,4 +1,5 @@
-"""Tiny random SD / SDXL pipelines saved in diffusers format, with an image encoder, for end-to-end parity."""
+"""Random SD / SDXL diffusers pipelines saved to disk, with an image encoder: the references for end-to-end
+parity tests (tiny sizes) and the sampling benchmark (larger sizes). Needs torch, diffusers, transformers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import randomize_, random_ip_adapter_state, torch_cross_attention_widths, write_ip_adapter_state
+from ipadapter_jax.testing.random_weights import (random_ip_adapter_state, randomize_,
+                                                  torch_cross_attention_widths, write_ip_adapter_state)
 from ipadapter_jax.data.synthetic import write_tiny_clip_tokenizer
 
 IMAGE_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
