@@ -24,21 +24,33 @@ SDXL_UNET = dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "
                  attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
                  addition_embed_type="text_time", addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8, sample_size=16)
+# Larger, for benchmarks: SD1.5's layout (three cross-attention levels, an 8x VAE) at a fraction of the width.
+BENCH_SD_UNET = dict(block_out_channels=(64, 128, 256, 256), down_block_types=("CrossAttnDownBlock2D",) * 3 +
+                     ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                     cross_attention_dim=128, layers_per_block=2, attention_head_dim=4, norm_num_groups=32,
+                     sample_size=16)
+BENCH_VAE = dict(block_out_channels=(32, 64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=32, latent_channels=4)
+SIZES = {
+    "tiny": dict(sd_unet=SD_UNET, sdxl_unet=SDXL_UNET, vae=VAE, text_hidden=32),
+    "bench": dict(sd_unet=BENCH_SD_UNET, sdxl_unet=None, vae=BENCH_VAE, text_hidden=128),
+}
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1)
 
 
-def _text_encoder(vocab_size: int, projection: bool):
+def _text_encoder(vocab_size: int, projection: bool, hidden: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=77, projection_dim=16,
                             hidden_act="gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return randomize_((CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval(), seed=3)
 
 
-def build_pipeline_dir(kind: str, root: Path) -> Path:
-    """Save a random ``kind`` ("sd" or "sdxl") diffusers pipeline with an ``image_encoder/`` under root."""
+def build_pipeline_dir(kind: str, root: Path, size: str = "tiny") -> Path:
+    """Save a random ``kind`` ("sd" or "sdxl") diffusers pipeline with an ``image_encoder/`` under root;
+    ``size`` is a key of ``SIZES``."""
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -46,11 +58,13 @@ def build_pipeline_dir(kind: str, root: Path) -> Path:
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(root / "tok_src"), model_max_length=77)
     image_encoder = randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER)).eval(), seed=4)
-    vae = randomize_(AutoencoderKL(**VAE).eval(), std=0.15, seed=5)
-    unet = randomize_(UNet2DConditionModel(**(SD_UNET if kind == "sd" else SDXL_UNET)).eval(), std=0.1, seed=6)
+    sizes = SIZES[size]
+    vae = randomize_(AutoencoderKL(**sizes["vae"]).eval(), std=0.15, seed=5)
+    unet = randomize_(UNet2DConditionModel(**sizes[f"{kind}_unet"]).eval(), std=0.1, seed=6)
+    hidden = sizes["text_hidden"]
     if kind == "sd":
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(len(tokenizer), False), tokenizer=tokenizer,
-                                       unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(len(tokenizer), False, hidden),
+                                       tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
                                        feature_extractor=None, image_encoder=image_encoder,
                                        requires_safety_checker=False)
     else:
