@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import random_ip_adapter_state, write_ip_adapter_state
+from ipadapter_jax.testing.random_weights import random_ip_adapter_state, write_ip_adapter_state
 from ipadapter_jax import load_ip_adapter, save_ip_adapter
 from ipadapter_jax.models.adapter import check_adapter_fits, new_ip_adapter
 from ipadapter_jax.models.image_projection import ProjectionConfig

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_UNETS, random_ip_adapter_state, torch_cross_attention_widths, write_ip_adapter_state
+from conftest import TINY_UNETS
+from ipadapter_jax.testing.random_weights import (random_ip_adapter_state, torch_cross_attention_widths,
+                                                  write_ip_adapter_state)
 from ipadapter_jax import load_ip_adapter
 from ipadapter_jax.models.adapter import adapter_variables
 from ipadapter_jax.models.ip_scales import resolve_ip_scales

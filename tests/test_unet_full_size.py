@@ -77,7 +77,7 @@ def test_full_size_forward_shapes_trace():
 def test_full_size_sd15_matches_diffusers_at_small_latents():
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    from conftest import randomize_
+    from ipadapter_jax.testing.random_weights import randomize_
     from ipadapter_jax.weights.torch_layout import torch_to_flax
 
     raw = _config("sd15_unet")

@@ -24,9 +24,10 @@ class CaptionTokenizer:
         from transformers import CLIPTokenizer
 
         folder = os.fspath(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not os.path.isfile(os.path.join(folder, name)):
-                raise FileNotFoundError(f"tokenizer folder {folder!r} has no {name}")
+        has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+        # transformers 4 wrote vocab.json + merges.txt; transformers 5 may write tokenizer.json alone.
+        if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+            raise FileNotFoundError(f"tokenizer folder {folder!r} has neither tokenizer.json nor vocab.json + merges.txt")
         self.folder = folder
         self.max_length = int(max_length)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)

@@ -1,0 +1,66 @@
+"""Random reference weights for parity tests and benchmarks: torch modules filled with random values, and
+IP-Adapter state dicts in the published layout built from a torch UNet's own processor names (independent
+of our writer). Needs torch; never imported by the library itself."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def randomize_(module, std: float = 0.1, seed: int = 0):
+    """diffusers zero-initialises some layers (conv_out, proj_out); random weights exercise every path."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module
+
+
+def torch_cross_attention_widths(unet) -> list[int]:
+    """Inner widths of the torch UNet's cross-attentions, in ``attn_processors`` order."""
+    modules = dict(unet.named_modules())
+    return [modules[name[: -len(".processor")]].to_k.weight.shape[0]
+            for name in unet.attn_processors if name.endswith("attn2.processor")]
+
+
+def random_ip_adapter_state(widths: list[int], cross_dim: int, variant: str, seed: int,
+                            embed_dim: int = 16, hidden_dim: int = 128, depth: int = 4, queries: int = 6,
+                            std: float = 0.2) -> dict[str, dict[str, np.ndarray]]:
+    """A published-layout state dict ``{"image_proj": ..., "ip_adapter": ...}`` of random float32 arrays.
+
+    Plus uses depth 4 and 64-wide heads: diffusers' loader builds exactly that whatever the file holds."""
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: (rng.standard_normal(shape) * std).astype(np.float32)  # noqa: E731
+    if variant == "plain":
+        proj = {"proj.weight": r(4 * cross_dim, embed_dim), "proj.bias": r(4 * cross_dim),
+                "norm.weight": 1 + r(cross_dim), "norm.bias": r(cross_dim)}
+    elif variant == "plus":
+        proj = {"latents": r(1, queries, hidden_dim), "proj_in.weight": r(hidden_dim, embed_dim),
+                "proj_in.bias": r(hidden_dim), "proj_out.weight": r(cross_dim, hidden_dim),
+                "proj_out.bias": r(cross_dim), "norm_out.weight": 1 + r(cross_dim), "norm_out.bias": r(cross_dim)}
+        for i in range(depth):
+            p = f"layers.{i}"
+            proj.update({
+                f"{p}.0.norm1.weight": 1 + r(hidden_dim), f"{p}.0.norm1.bias": r(hidden_dim),
+                f"{p}.0.norm2.weight": 1 + r(hidden_dim), f"{p}.0.norm2.bias": r(hidden_dim),
+                f"{p}.0.to_q.weight": r(hidden_dim, hidden_dim), f"{p}.0.to_kv.weight": r(2 * hidden_dim, hidden_dim),
+                f"{p}.0.to_out.weight": r(hidden_dim, hidden_dim),
+                f"{p}.1.0.weight": 1 + r(hidden_dim), f"{p}.1.0.bias": r(hidden_dim),
+                f"{p}.1.1.weight": r(4 * hidden_dim, hidden_dim), f"{p}.1.3.weight": r(hidden_dim, 4 * hidden_dim),
+            })
+    else:
+        raise ValueError(variant)
+    layers = {}
+    for i, width in enumerate(widths):
+        layers[f"{2 * i + 1}.to_k_ip.weight"] = r(width, cross_dim)
+        layers[f"{2 * i + 1}.to_v_ip.weight"] = r(width, cross_dim)
+    return {"image_proj": proj, "ip_adapter": layers}
+
+
+def write_ip_adapter_state(state, path) -> None:
+    from safetensors.numpy import save_file
+
+    flat = {f"{part}.{k}": v for part in ("image_proj", "ip_adapter") for k, v in state[part].items()}
+    save_file(flat, str(path))
