@@ -103,6 +103,16 @@ def random_params(shapes: dict, rng: np.random.Generator) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def _write_tokenizer(folder: Path) -> str:
+    """The data package's tiny CLIP BPE vocabulary, plus the ``tokenizer_config.json`` a diffusers tokenizer
+    folder has (so transformers' ``CLIPTokenizer`` pads and truncates to 77 like SD's)."""
+    write_tiny_clip_tokenizer(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": TEXT_LENGTH, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    return str(folder)
+
+
 def _write_transformers_folder(folder: Path, config: dict, params: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.astype(np.float32) for k, v in flax_to_torch(params).items()}
@@ -126,14 +136,14 @@ def write_tiny_model(folder: str | os.PathLike, seed: int = 0, arch: str = "sd15
     on synthetic shapes (see ``tiny_pretrain``), the sdxl one stays random (it only serves shape checks).
     Deterministic in the arguments; reuses a complete folder written earlier with the same ones."""
     folder = Path(folder)
-    marker = {"seed": seed, "arch": arch, "pretrain_steps": pretrain_steps, "version": 6}
+    marker = {"seed": seed, "arch": arch, "pretrain_steps": pretrain_steps, "version": 7}
     if (folder / MARKER).is_file() and json.loads((folder / MARKER).read_text()) == marker:
         return folder
     if arch not in TINY_UNET:
         raise ValueError(f"tiny world arch {arch!r}: choose one of {sorted(TINY_UNET)}")
     rng = np.random.default_rng(seed)
 
-    tokenizer_dir = write_tiny_clip_tokenizer(folder / "tokenizer")
+    tokenizer_dir = _write_tokenizer(folder / "tokenizer")
     vocab_size = len(json.loads((Path(tokenizer_dir) / "vocab.json").read_text()))
     unet_raw = TINY_UNET[arch]
     cross = unet_raw["cross_attention_dim"]
@@ -143,7 +153,7 @@ def write_tiny_model(folder: str | os.PathLike, seed: int = 0, arch: str = "sd15
         pooled = unet_raw["projection_class_embeddings_input_dim"] - 6 * unet_raw["addition_time_embed_dim"]
         text_configs = [("text_encoder", _text_config(vocab_size, 16, 16, False)),
                         ("text_encoder_2", _text_config(vocab_size, cross - 16, pooled, True))]
-        write_tiny_clip_tokenizer(folder / "tokenizer_2")
+        _write_tokenizer(folder / "tokenizer_2")
     text_params = []
     for name, config in text_configs:
         _, shapes = init_clip_text_encoder(config, shapes_only=True)
