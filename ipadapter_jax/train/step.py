@@ -61,18 +61,32 @@ def abstract_batch(modules: FrozenModules, batch_size: int, resolution: int) -> 
     return {k: jax.ShapeDtypeStruct(*shapes[k]) for k in batch_keys(modules)}
 
 
+def draw_noise(rng: jax.Array, latent_shape: tuple[int, ...], num_train_timesteps: int,
+               noise_offset: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(posterior_key, noise, t)`` for one batch: the key for the VAE posterior sample, the noise (plus
+    ``noise_offset`` times one N(0, 1) per example and channel) and integer timesteps ``[B]``."""
+    k_latent, k_noise, k_offset, k_time = jax.random.split(rng, 4)
+    noise = jax.random.normal(k_noise, latent_shape, jnp.float32)
+    if noise_offset:
+        noise = noise + noise_offset * jax.random.normal(
+            k_offset, (latent_shape[0], 1, 1, latent_shape[-1]), jnp.float32)
+    t = jax.random.randint(k_time, (latent_shape[0],), 0, num_train_timesteps)
+    return k_latent, noise, t
+
+
+def latent_shape(modules: FrozenModules, batch_size: int, resolution: int) -> tuple[int, int, int, int]:
+    side = resolution // modules.latent_downsample
+    return (batch_size, side, side, modules.vae_config.latent_channels)
+
+
 def encode_batch(modules: FrozenModules, frozen: dict, batch: dict, rng: jax.Array,
                  settings: StepSettings) -> dict:
     """Everything the adapter's loss needs that does not depend on the adapter: noisy latents, target,
     timesteps, text conditioning and image features."""
-    k_latent, k_noise, k_offset, k_time = jax.random.split(rng, 4)
-    latents = encode_latents(modules, frozen, batch["pixels"], k_latent if settings.sample_posterior else None)
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    if settings.noise_offset:
-        noise = noise + settings.noise_offset * jax.random.normal(
-            k_offset, (latents.shape[0], 1, 1, latents.shape[-1]), jnp.float32)
     schedule = modules.schedule
-    t = jax.random.randint(k_time, (latents.shape[0],), 0, schedule.num_train_timesteps)
+    shape = latent_shape(modules, batch["pixels"].shape[0], settings.resolution)
+    k_latent, noise, t = draw_noise(rng, shape, schedule.num_train_timesteps, settings.noise_offset)
+    latents = encode_latents(modules, frozen, batch["pixels"], k_latent if settings.sample_posterior else None)
     text = encode_text(modules, frozen, batch["input_ids"], batch.get("input_ids_2"))
     added = None
     if modules.is_sdxl:
