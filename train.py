@@ -39,7 +39,10 @@ def run(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    from ipadapter_jax.compilation_cache import enable_compilation_cache
     from ipadapter_jax.train import main
+
+    enable_compilation_cache()  # a rerun (or resume) loads the compiled step instead of compiling it again
 
     result = main(flags_.config, flags_.workdir, resume=flags_.resume)
     print(f"stopped at step {result.step}{' (preempted)' if result.preempted else ''}; "

@@ -7,10 +7,13 @@ the adapter params <= 1e-5 (reductions run in another order on 8 devices, nothin
 
 from __future__ import annotations
 
+import re
+
 import jax
 import pytest
 
-from train_support import adapter_arrays, finished_checkpoints, max_abs_diff, run_train, tiny_config, world  # noqa: F401
+from train_support import (adapter_arrays, finished_checkpoints, log_of, max_abs_diff, run_train, tiny_config,
+                           world)  # noqa: F401
 from ipadapter_jax.train import main
 from ipadapter_jax.train.metrics_log import read_metrics
 
@@ -34,6 +37,7 @@ def one_device_run(world, tmp_path_factory):
 def test_eight_devices_give_the_same_losses_and_adapter(world, one_device_run, tmp_path):
     run_train(world, tiny_config(world, num_steps=4, checkpoint__every_steps=2, **EIGHT), tmp_path / "eight",
               devices=8)
+    assert re.search(r"frozen weights: [\d.]+ MiB, (9\d|100)% of it split over fsdp", log_of(tmp_path / "eight"))
     one, eight = _losses(one_device_run), _losses(tmp_path / "eight")
     assert sorted(one) == sorted(eight) == [1, 2, 3, 4]
     loss_diff = max(abs(one[s] - eight[s]) for s in one)

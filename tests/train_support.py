@@ -25,9 +25,9 @@ from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter  # noqa: E402
 
 
 def use_compile_cache(path: Path) -> Path:
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return path
+    from ipadapter_jax.compilation_cache import enable_compilation_cache
+
+    return enable_compilation_cache(path)
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +84,7 @@ def subprocess_env(world: dict, devices: int = 1) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = world["cache"]
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["IPADAPTER_JAX_COMPILATION_CACHE"] = world["cache"]  # train.py turns the cache on there
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     if devices > 1:
         flags.append(f"--xla_force_host_platform_device_count={devices}")

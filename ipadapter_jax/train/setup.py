@@ -119,6 +119,7 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     host_frozen = frozen_models.params_in(config.model.compute_dtype)
     frozen_shardings = weight_shardings(host_frozen, mesh, config.mesh)
     frozen = put_host_tree(host_frozen, frozen_shardings)
+    _log_layout("frozen weights", host_frozen, frozen_shardings)
     abstract_frozen = _with_shardings(jax.eval_shape(lambda: host_frozen), frozen_shardings)
     del host_frozen
 
@@ -164,6 +165,14 @@ def batch_partition_spec(setup: TrainingSetup):
 
 def step_batch_keys(setup: TrainingSetup) -> tuple[str, ...]:
     return batch_keys(setup.modules)
+
+
+def _log_layout(what: str, tree: Any, shardings: Any) -> None:
+    sizes = [(x.size * x.dtype.itemsize, s.spec != jax.sharding.PartitionSpec())
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))]
+    total = sum(n for n, _ in sizes)
+    split = sum(n for n, sharded in sizes if sharded)
+    logger.info("%s: %.1f MiB, %.0f%% of it split over fsdp", what, total / 2**20, 100 * split / max(total, 1))
 
 
 def _log_memory(compiled) -> None:
