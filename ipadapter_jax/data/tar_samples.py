@@ -18,7 +18,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-from webdataset.gopen import gopen, gopen_schemes
+from webdataset.gopen import Pipe, gopen, gopen_schemes
 from webdataset.tariterators import base_plus_ext
 
 from ipadapter_jax.data.shards import url_scheme
@@ -39,10 +39,18 @@ class ShardError(Exception):
 
 
 def open_shard(url: str):
-    """A readable binary stream for a shard URL."""
+    """A readable binary stream for a shard URL.
+
+    A ``pipe:`` command's exit status is not checked while reading (webdataset's pipe checks it on
+    every read, which turns a child that already wrote everything and exited into a lost shard,
+    depending on timing); `iter_shard_samples` checks it once the stream has been read to its end.
+    """
     scheme = url_scheme(url)
     if scheme in ("", "file", "pipe") or scheme in gopen_schemes:
-        return gopen(url, "rb")
+        stream = gopen(url, "rb")
+        if isinstance(stream, Pipe):
+            stream.ignore_errors = True
+        return stream
     import fsspec
 
     return fsspec.open(url, "rb").open()
@@ -72,15 +80,23 @@ def _check_archive_end(tar: tarfile.TarFile) -> None:
             raise tarfile.ReadError(f"corrupt or zero header block at byte {stopped_at} with data after it")
 
 
+def _check_exit_status(stream) -> None:
+    if isinstance(stream, Pipe):
+        status = stream.proc.wait(stream.timeout)
+        if status != 0:
+            raise OSError(f"pipe command exited with status {status}")
+
+
 def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
     """(name, data) of the regular-file members of a tar stream, in stored order; raises on a
-    damaged archive (see `_check_archive_end`), after the good members."""
+    damaged archive (see `_check_archive_end`) or a failed pipe command, after the good members."""
     tar = tarfile.open(fileobj=stream, mode="r|*")
     while (info := tar.next()) is not None:
         tar.members = []  # streaming: keep no per-member history
         if info.isreg() and not _META_NAME.match(info.name):
             yield info.name, tar.extractfile(info).read()
     _check_archive_end(tar)
+    _check_exit_status(stream)
 
 
 def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
@@ -89,7 +105,7 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
     On a read error the members read so far are still grouped and yielded (the last sample may
     then lack a member and be skipped later as missing_image / missing_caption), then `ShardError`
     is raised. Read errors include a tar that stops without its end-of-archive block (cut at or
-    inside a header, a corrupt header part-way).
+    inside a header, a corrupt header part-way) and a ``pipe:`` command that exits non-zero.
     Duplicate extensions within a key keep the first.
     """
     try:
