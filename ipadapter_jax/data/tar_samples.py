@@ -161,12 +161,13 @@ def sample_caption(sample: dict[str, Any], json_field: str | None = None) -> tup
             raw = sample.get("txt")
             if raw is None:
                 return None, "missing_caption"
-            caption = raw.decode("utf-8")
+            # utf-8-sig: a byte-order mark (Windows tools write one) is not part of the caption.
+            caption = raw.decode("utf-8-sig")
         else:
             raw = sample.get("json")
             if raw is None:
                 return None, "missing_caption"
-            value: Any = json.loads(raw.decode("utf-8"))
+            value: Any = json.loads(raw.decode("utf-8-sig"))
             for part in json_field.split("."):
                 if not isinstance(value, dict) or part not in value:
                     return None, "missing_caption"
