@@ -110,8 +110,11 @@ def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: no such file")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightFileError(f"{path}: not valid JSON: {e}") from None
 
 
 def read_model_folder(folder: str | os.PathLike, weights_name: str) -> dict[str, np.ndarray]:
