@@ -129,8 +129,13 @@ def read_model_folder(folder: str | os.PathLike, weights_name: str) -> dict[str,
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise WeightFileError(f"{index}: no 'weight_map'")
+        shards = set(weight_map.values())
+        for shard in shards:
+            # Shards sit beside the index: a path could make us read any file on the machine.
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise WeightFileError(f"{index}: shard {shard!r} is not a file name in the folder")
         tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(shards):
             tensors.update(read_safetensors(folder / shard))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
