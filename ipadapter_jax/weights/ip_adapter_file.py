@@ -9,6 +9,7 @@ which refuses pickles that would run code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -126,13 +127,29 @@ def _layers_from_state(ip_state: Mapping[str, np.ndarray], where: str) -> list[d
     return [by_index[i] for i in indices]
 
 
-def load_ip_adapter(path: str | os.PathLike) -> IPAdapter:
+def _check_expected(found: ProjectionConfig, expect: ProjectionConfig | str, path) -> None:
+    wanted = expect if isinstance(expect, ProjectionConfig) else ProjectionConfig(variant=expect)  # validates
+    if found.variant != wanted.variant:
+        raise WeightFileError(f"{path}: holds a {found.variant} IP-Adapter ({found}), expected {wanted.variant}")
+    if isinstance(expect, ProjectionConfig) and found != expect:
+        diffs = [f"{f.name}: file {getattr(found, f.name)}, expected {getattr(expect, f.name)}"
+                 for f in dataclasses.fields(ProjectionConfig) if getattr(found, f.name) != getattr(expect, f.name)]
+        raise WeightFileError(f"{path}: holds a {found.variant} IP-Adapter of other sizes than expected: "
+                              + "; ".join(diffs))
+
+
+def load_ip_adapter(path: str | os.PathLike, expect: ProjectionConfig | str | None = None) -> IPAdapter:
     """Read a published-layout IP-Adapter (``.safetensors``, or ``.bin`` through torch's safe loader).
 
     The variant (plain, plus, full-face) and sizes are detected from the tensors. Arrays come back float32.
+    expect: None accepts whatever the file holds; a variant name ("plain", "plus", "full") or a whole
+    `ProjectionConfig` (e.g. the one a training config describes) makes any other content a
+    `WeightFileError` naming what differs.
     """
     state = read_ip_adapter_state(path)
     projection = detect_projection(state["image_proj"])
+    if expect is not None:
+        _check_expected(projection, expect, path)
     expected = jax.eval_shape(
         lambda: projection_module(projection).init(jax.random.key(0), dummy_projection_input(projection)))["params"]
     image_proj = torch_to_flax(state["image_proj"], expected, what=f"{path}: image_proj", dtype=np.float32)
