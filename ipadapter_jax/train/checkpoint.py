@@ -145,8 +145,12 @@ def export_adapter(params: Any, projection: ProjectionConfig, workdir: str | Pat
     save_ip_adapter(adapter, per_step, dtype=np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16)
     latest = workdir / EXPORT_NAME
     latest_tmp = workdir / (EXPORT_NAME + ".tmp.safetensors")
-    latest_tmp.write_bytes(per_step.read_bytes())
-    latest_tmp.replace(latest)  # atomic: a reader never sees a half-written latest file
+    try:
+        latest_tmp.write_bytes(per_step.read_bytes())
+        latest_tmp.replace(latest)  # atomic: a reader never sees a half-written latest file
+    except BaseException:
+        latest_tmp.unlink(missing_ok=True)  # a half-written copy must not linger under a .safetensors name
+        raise
     exports = sorted((workdir / "adapters").glob("ip_adapter_*.safetensors"))
     for old in exports[:-keep]:
         old.unlink(missing_ok=True)

@@ -102,8 +102,12 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
-    os.replace(tmp, path)
+    try:
+        safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half file behind
+        raise
 
 
 def read_json(path: str | os.PathLike) -> dict:
