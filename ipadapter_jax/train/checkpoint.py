@@ -64,8 +64,12 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, config: CheckpointConfig):
         self.workdir = Path(workdir)
         self.config = config
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
-                                               enable_async_checkpointing=config.async_save)
+        # The step folder is created in save() itself: created in the background, a failure (unwritable or full
+        # disk) left orbax's writer threads waiting for it until their 5-minute timeout, so the process hung
+        # that long before exiting with the error.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep, create=True, enable_async_checkpointing=config.async_save,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
