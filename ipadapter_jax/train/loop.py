@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ipadapter_jax.train.checkpoint import Checkpointer, data_state_for_process, export_adapter, gather_json
+from ipadapter_jax.train.checkpoint import (EXPORT_NAME, Checkpointer, data_state_for_process, export_adapter,
+                                            gather_json)
 from ipadapter_jax.train.config import TrainConfig
 from ipadapter_jax.train.data_feed import DataFeed, make_source
 from ipadapter_jax.train.metrics_log import MetricsLog, truncate_metrics
@@ -140,8 +142,12 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
     def save() -> None:
         nonlocal last_saved
         checkpointer.save(state, rng, data_state, config.to_dict())
-        export_adapter(state.params, setup.projection, workdir, step, config.checkpoint.keep,
-                       config.checkpoint.export_dtype)
+        try:
+            export_adapter(state.params, setup.projection, workdir, step, config.checkpoint.keep,
+                           config.checkpoint.export_dtype)
+        except Exception as exc:
+            checkpointer.wait_until_finished()  # so the message names the checkpoints that did complete
+            raise checkpointer.failure(f"the adapter export {EXPORT_NAME}", step, exc, where=workdir) from exc
         last_saved = step
         log.reset_timer(step)
 
@@ -162,6 +168,7 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
                 if validator is not None and step % config.validation.every_steps == 0:
                     validator.run(state.params, step, log)
                     log.reset_timer(step)
+                checkpointer.check_for_errors()  # a failed background save stops the run now, not at the next save
                 if stop.requested():
                     preempted = True
                     break
@@ -170,7 +177,7 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
             checkpointer.wait_until_finished()
     finally:
         feed.close()
-        checkpointer.close()
+        checkpointer.close(raise_errors=sys.exc_info()[0] is None)
         log.close()
     if preempted:
         logger.warning("stopped at step %d on request; the checkpoint there resumes the run", step)
