@@ -41,6 +41,11 @@ class TrainResult:
     workdir: Path
 
 
+class NonFiniteLossError(RuntimeError):
+    """``optimizer.max_nonfinite_steps`` consecutive steps had a NaN/Inf loss or gradient; the run stopped
+    after checkpointing the last good parameters (the skipped steps never changed them)."""
+
+
 class StopRequest:
     """SIGTERM / SIGINT handlers that only set a flag, checked between steps. With several processes the
     flag is shared (any process signalled stops all at the same step)."""
@@ -138,6 +143,9 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
     last_saved = resumed_from
     last_record: dict = {}
     preempted = False
+    # Steps whose update was skipped for a NaN/Inf loss or gradient: in a row, and since the last record.
+    nonfinite_in_a_row = nonfinite_since_log = 0
+    diverged = False
 
     def save() -> None:
         nonlocal last_saved
@@ -159,10 +167,23 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
                 step += 1
                 data_state = fed.data_state
                 log.tick(step)
-                if step % config.log.every_steps == 0 or step == config.num_steps:
+                if int(metrics["nonfinite"]):
+                    nonfinite_in_a_row += 1
+                    nonfinite_since_log += 1
+                    logger.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); update skipped",
+                                   step, float(metrics["loss"]), float(metrics["grad_norm"]))
+                else:
+                    nonfinite_in_a_row = 0
+                diverged = 0 < config.optimizer.max_nonfinite_steps <= nonfinite_in_a_row
+                if step % config.log.every_steps == 0 or step == config.num_steps or diverged:
                     record = dict(jax.device_get(metrics))
+                    del record["nonfinite"]
+                    record["nonfinite_steps"] = nonfinite_since_log
+                    nonfinite_since_log = 0
                     record.update(_skip_metrics(fed.counters))
                     last_record = log.log(step, record)
+                if diverged:
+                    break
                 if step % config.checkpoint.every_steps == 0:
                     save()
                 if validator is not None and step % config.validation.every_steps == 0:
@@ -179,6 +200,13 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
         feed.close()
         checkpointer.close(raise_errors=sys.exc_info()[0] is None)
         log.close()
+    if diverged:
+        raise NonFiniteLossError(
+            f"stopped at step {step}: {nonfinite_in_a_row} consecutive steps ({step - nonfinite_in_a_row + 1}.."
+            f"{step}) had a non-finite loss or gradient (optimizer.max_nonfinite_steps="
+            f"{config.optimizer.max_nonfinite_steps}); their updates were skipped, so the checkpoint at step "
+            f"{step} holds the parameters of step {step - nonfinite_in_a_row}, the last good one. Check the data "
+            f"and the learning rate before resuming from it")
     if preempted:
         logger.warning("stopped at step %d on request; the checkpoint there resumes the run", step)
     return TrainResult(step=step, preempted=preempted, resumed_from=resumed_from, last_metrics=last_record,
