@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec
 
 from ipadapter_jax.models.attention import register_attention_implementation
 
@@ -180,7 +181,7 @@ def _params(reduction_last: bool = True) -> pltpu.CompilerParams:
                                 vmem_limit_bytes=_VMEM_LIMIT_BYTES)
 
 
-def _forward(q, k, v, *, scale, block_q, block_k, kv_len, interpret):
+def _forward_call(q, k, v, scale, block_q, block_k, kv_len, interpret):
     b, h, tq, d = q.shape
     tk = k.shape[2]
     nq, nk = tq // block_q, tk // block_k
@@ -205,18 +206,15 @@ def _forward(q, k, v, *, scale, block_q, block_k, kv_len, interpret):
     )(q, k, v)
 
 
-def _backward(q, k, v, do, lse, di, *, scale, block_q, block_k, kv_len, interpret):
+def _dkv_call(q, k, v, do, lse, di, scale, block_q, block_k, kv_len, interpret):
     b, h, tq, d = q.shape
     tk = k.shape[2]
     nq, nk = tq // block_q, tk // block_k
-    itemsize = q.dtype.itemsize
-    exps = b * h * tq * tk
-
     q_spec, k_spec, row_spec = _specs(block_q, block_k, d, 3, 2)
-    dkv_cost = pl.CostEstimate(
-        flops=8 * b * h * tq * tk * d, transcendentals=exps,
-        bytes_accessed=itemsize * b * h * d * (4 * tk + 2 * nk * tq) + 8 * b * h * nk * tq)
-    dk, dv = pl.pallas_call(
+    cost = pl.CostEstimate(
+        flops=8 * b * h * tq * tk * d, transcendentals=b * h * tq * tk,
+        bytes_accessed=q.dtype.itemsize * b * h * d * (4 * tk + 2 * nk * tq) + 8 * b * h * nk * tq)
+    return pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, block_k=block_k, kv_len=kv_len, num_q_blocks=nq),
         grid=(b, h, nk, nq),
         in_specs=[q_spec, k_spec, k_spec, q_spec, row_spec, row_spec],
@@ -224,16 +222,21 @@ def _backward(q, k, v, do, lse, di, *, scale, block_q, block_k, kv_len, interpre
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32), pltpu.VMEM((block_k, d), jnp.float32)],
         compiler_params=_params(),
-        cost_estimate=dkv_cost,
+        cost_estimate=cost,
         interpret=interpret,
         name="flash_attention_dkv",
     )(q, k, v, do, lse, di)
 
+
+def _dq_call(q, k, v, do, lse, di, scale, block_q, block_k, kv_len, interpret):
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    nq, nk = tq // block_q, tk // block_k
     q_spec, k_spec, row_spec = _specs(block_q, block_k, d, 2, 3)
-    dq_cost = pl.CostEstimate(
-        flops=6 * b * h * tq * tk * d, transcendentals=exps,
-        bytes_accessed=itemsize * b * h * d * (3 * tq + 2 * nq * tk) + 8 * b * h * tq)
-    dq = pl.pallas_call(
+    cost = pl.CostEstimate(
+        flops=6 * b * h * tq * tk * d, transcendentals=b * h * tq * tk,
+        bytes_accessed=q.dtype.itemsize * b * h * d * (3 * tq + 2 * nq * tk) + 8 * b * h * tq)
+    return pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_k=block_k, kv_len=kv_len, num_kv_blocks=nk),
         grid=(b, h, nq, nk),
         in_specs=[q_spec, k_spec, k_spec, q_spec, row_spec, row_spec],
@@ -241,22 +244,26 @@ def _backward(q, k, v, do, lse, di, *, scale, block_q, block_k, kv_len, interpre
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)],
         compiler_params=_params(),
-        cost_estimate=dq_cost,
+        cost_estimate=cost,
         interpret=interpret,
         name="flash_attention_dq",
     )(q, k, v, do, lse, di)
-    return dq, dk, dv
+
+
+def _backward(q, k, v, do, lse, di, *, scale, block_q, block_k, kv_len, interpret):
+    static = (scale, block_q, block_k, kv_len, interpret)
+    dk, dv = _dkv_call(q, k, v, do, lse, di, *static)
+    return _dq_call(q, k, v, do, lse, di, *static), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _flash(q, k, v, scale, block_q, block_k, kv_len, interpret):
-    out, _ = _forward(q, k, v, scale=scale, block_q=block_q, block_k=block_k, kv_len=kv_len, interpret=interpret)
+    out, _ = _forward_call(q, k, v, scale, block_q, block_k, kv_len, interpret)
     return out
 
 
 def _flash_fwd(q, k, v, scale, block_q, block_k, kv_len, interpret):
-    out, lse = _forward(q, k, v, scale=scale, block_q=block_q, block_k=block_k, kv_len=kv_len,
-                        interpret=interpret)
+    out, lse = _forward_call(q, k, v, scale, block_q, block_k, kv_len, interpret)
     return out, (q, k, v, out, lse)
 
 
@@ -274,6 +281,21 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # -------------------------------------------------------------------------------------------- public API
 
 
+def _batch_axes(batch: int):
+    """The mesh in context (``jax.set_mesh``) and the axes of it to split the batch over: every automatic axis,
+    in mesh order, while the batch stays divisible. ``(None, ())`` without a multi-device mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None, ()
+    manual = set(getattr(mesh, "manual_axes", ()))
+    axes, size = [], 1
+    for name in mesh.axis_names:
+        if name not in manual and batch % (size * mesh.shape[name]) == 0:
+            axes.append(name)
+            size *= mesh.shape[name]
+    return (mesh, tuple(axes)) if axes else (None, ())
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = DEFAULT_BLOCK_Q,
                     block_k: int = DEFAULT_BLOCK_K, interpret: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim)) v with the Pallas kernels, differentiable in q, k and v.
@@ -285,6 +307,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 
         the padded sequence lengths.
       interpret: run the kernels in Pallas' interpreter (any backend) instead of compiling them for TPU.
     Returns ``[batch, q_tokens, heads, head_dim]`` in q's dtype (softmax statistics in float32).
+
+    Sharding: XLA cannot partition a Mosaic kernel, so under a device mesh the kernels run per device in a
+    ``shard_map`` over the batch. The mesh comes from the tracing context: trace the jitted function under
+    ``jax.set_mesh(mesh)`` (the batch is split over the mesh axes that divide it, in mesh order; XLA
+    reshards inputs laid out otherwise). Without a mesh in context the kernels see the whole arrays.
     """
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"flash_attention: q {q.shape}, k {k.shape}, v {v.shape} do not match")
@@ -296,11 +323,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 
         x = jnp.swapaxes(x, 1, 2)  # [B, H, T, D]
         return jnp.pad(x, ((0, 0), (0, 0), (0, padded - x.shape[2]), (0, 0)))
 
-    k = k.astype(q.dtype)
-    v = v.astype(q.dtype)
-    out = _flash(to_kernel_layout(q, tq_pad), to_kernel_layout(k, tk_pad), to_kernel_layout(v, tk_pad),
-                 1.0 / math.sqrt(d), bq, bk, tk, interpret)
-    return jnp.swapaxes(out[:, :, :tq], 1, 2)
+    def local(q, k, v):
+        out = _flash(to_kernel_layout(q, tq_pad), to_kernel_layout(k.astype(q.dtype), tk_pad),
+                     to_kernel_layout(v.astype(q.dtype), tk_pad), 1.0 / math.sqrt(d), bq, bk, tk, interpret)
+        return jnp.swapaxes(out[:, :, :tq], 1, 2)
+
+    mesh, axes = _batch_axes(q.shape[0])
+    if mesh is None:
+        return local(q, k, v)
+    spec = PartitionSpec(axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 def _dispatch(interpret: bool):

@@ -17,7 +17,9 @@ class Program:
       the FLOPs an MFU is measured in (see ``plan_figures.model_flops``).
     extra_model_flops: FLOPs to add to XLA's count of ``model_fn`` (work XLA counts once but runs more often,
       such as the iterations of a loop after the first).
-    tracing: a context manager active while tracing and lowering either function.
+    tracing: a context manager active while tracing and lowering ``jitted`` (and ``repeat_jitted``): the
+      device mesh (``jax.set_mesh``), which Pallas kernels need to run per device, and any patches.
+    model_tracing: the same for ``model_fn`` (patches only: it is lowered unsharded, for CPU).
     repeat_jitted / repeat_args / repeat_count: a part of ``jitted`` that runs ``repeat_count`` more times
       than XLA's cost model counts (a loop body): compiled on its own, its time and FLOPs are added.
     """
@@ -31,6 +33,7 @@ class Program:
     mesh_shape: dict
     description: list[str]
     tracing: Callable[[], Any] = contextlib.nullcontext
+    model_tracing: Callable[[], Any] = contextlib.nullcontext
     extra_model_flops: Callable[[], float] | None = None
     repeat_jitted: Any = None
     repeat_args: tuple = ()

@@ -124,8 +124,8 @@ def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Pro
     ]
     return Program(name="sample", jitted=jitted, args=args, model_fn=model_fn, model_args=model_args,
                    images_per_step=batch, mesh_shape={"data": data, "fsdp": fsdp}, description=description,
-                   extra_model_flops=extra_model_flops, repeat_jitted=step, repeat_args=step_args,
-                   repeat_count=v.num_inference_steps - 1)
+                   tracing=lambda: jax.set_mesh(mesh), extra_model_flops=extra_model_flops, repeat_jitted=step,
+                   repeat_args=step_args, repeat_count=v.num_inference_steps - 1)
 
 
 def _kv_zeros(unet_config, unet_params):

@@ -94,7 +94,7 @@ def plan(config: Any, topology_name: str, what: str = "train", latents: str = "o
     log(f"compiled for {topology.name} ({topology.num_chips} x {kind}) in {time.time() - start:.0f} s")
     flops = None
     if with_model_flops:
-        with program.tracing():
+        with program.model_tracing():
             flops = program.model_flops()
     figures = figures_from_compiled(compiled, topology, kind, program.images_per_step, flops)
     if program.repeat_count:

@@ -32,6 +32,14 @@ def _cached_latents_patch():
     return mock.patch.object(step, "encode_latents", lambda modules, frozen, latents, rng: latents.astype(jnp.float32))
 
 
+@contextlib.contextmanager
+def _contexts(*managers):
+    with contextlib.ExitStack() as stack:
+        for manager in managers:
+            stack.enter_context(manager)
+        yield
+
+
 def train_program(config: Any, devices: list, configs: dict, latents: str = "online") -> Program:
     """``config``: a ``train.TrainConfig``; ``devices``: the slice's (compile-only) devices; ``configs``: the
     model config dicts (``reference_models.model_configs``)."""
@@ -92,10 +100,12 @@ def train_program(config: Any, devices: list, configs: dict, latents: str = "onl
         f"mesh data={data} x fsdp={fsdp}; frozen weights split over fsdp: {fsdp_params / max(total_params, 1):.0%} "
         f"of {total_params / 1e9:.2f} B parameters",
     ]
+    patch = _cached_latents_patch if latents == "cached" else contextlib.nullcontext
     return Program(
         name="train", jitted=jitted, args=args, model_fn=model_step, model_args=model_args,
         images_per_step=config.batch_size, mesh_shape={"data": data, "fsdp": fsdp}, description=description,
-        tracing=_cached_latents_patch if latents == "cached" else contextlib.nullcontext,
+        tracing=lambda: _contexts(jax.set_mesh(mesh), patch()),
+        model_tracing=patch,
     )
 
 
