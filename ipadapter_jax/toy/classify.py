@@ -1,7 +1,8 @@
 """A pixel-based reader of toy-world images: which colour and which shape does an image show?
 
 No learning: the background colour is the median of the border pixels, the shape is the largest connected
-region of pixels far from it, its colour is the palette colour nearest to the region's median, and its
+region of pixels far from it (further than half the contrast between the background and the most distant
+pixels, so a blurred edge is cut where it was), its colour is the palette colour nearest to the region's median, and its
 shape is the ideal circle / square / triangle, fitted to the region's bounding box, that overlaps the region
 best (intersection over union). Works on dataset images and on generated ones, where it is the judge of the
 toy metrics ("does the generation show the reference's colour / shape?"). Chance levels for a generator
@@ -17,7 +18,7 @@ from scipy import ndimage
 
 from ipadapter_jax.toy.shapes_dataset import COLOURS, SHAPES
 
-FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that makes a pixel part of the shape
+MIN_CONTRAST = 60.0  # RGB distance from the background below which nothing counts as a shape
 MIN_AREA_FRACTION = 0.02  # a region smaller than this fraction of the image is not a shape
 CHANCE = {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}
 
@@ -66,7 +67,8 @@ def classify(image: np.ndarray) -> Reading:
         image = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     pixels = image.astype(np.float32)
     distance = np.linalg.norm(pixels - _background(image), axis=-1)
-    region = _largest_region(distance > FOREGROUND_DISTANCE)
+    contrast = float(np.percentile(distance, 99))
+    region = _largest_region(distance > max(0.5 * contrast, MIN_CONTRAST))
     area = int(region.sum())
     if area < MIN_AREA_FRACTION * region.size:
         return Reading(None, None, area, float("inf"), {s: 0.0 for s in SHAPES})
