@@ -13,11 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# Measure the checkout this script lives in, not whichever ipadapter_jax happens to be installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ipadapter_jax.cpu_flags import apply_cpu_flags  # noqa: E402
 
 
 def main() -> None:
@@ -26,7 +31,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS after our CPU defaults (later wins)")
+    p.add_argument("--no-default-flags", action="store_true", help="leave out ipadapter_jax.cpu_flags defaults")
     args = p.parse_args()
+    xla_flags = apply_cpu_flags(args.xla_flags, defaults=not args.no_default_flags)
 
     import torch
     from diffusers import DDIMScheduler, DiffusionPipeline
@@ -61,6 +69,7 @@ def main() -> None:
         return ours(prompts, ip_adapter_image=image, ip_scale=0.6, latents=latents.numpy(), scheduler="ddim",
                     **kwargs)
 
+    load_before = f"{os.getloadavg()[0]:.1f}"
     t0 = time.perf_counter()
     first_ours = run_ours()
     compile_s = time.perf_counter() - t0
@@ -74,12 +83,14 @@ def main() -> None:
     best = {k: min(v) for k, v in timings.items()}
     rate = {k: args.batch / v for k, v in best.items()}
     print(f"machine: {platform.processor() or platform.machine()}, {threads} cores; torch threads {threads}, "
-          f"XLA CPU default threads")
+          f"XLA CPU default threads; XLA_FLAGS={xla_flags!r}; load average before {load_before}, after "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"work: batch {args.batch}, {args.size}x{args.size}px, {args.steps} DDIM steps, CFG 7.5, plain IP-Adapter")
     print(f"max |ours - diffusers| pixel difference: {np.abs(first_ours - first_theirs).max():.2e}")
     print(f"ours: first call (compile + run) {compile_s:.1f}s")
     for name in ("ours", "diffusers"):
         print(f"{name:9s}: {rate[name]:.3f} images/s (best of {args.repeats}: {best[name]:.2f}s per batch)")
+    print("every run (s): " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in timings.items()))
     print(f"ratio ours/diffusers: {rate['ours'] / rate['diffusers']:.2f}x")
 
 

@@ -9,9 +9,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ipadapter_jax.models.conv import Conv2D
 
-def conv3x3(features: int, name: str, dtype=None, stride: int = 1, padding=((1, 1), (1, 1))) -> nn.Conv:
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
+
+def conv3x3(features: int, name: str, dtype=None, stride: int = 1, padding=((1, 1), (1, 1))) -> Conv2D:
+    # Conv2D rather than nn.Conv: same params, but no XLA slow path on maps smaller than 3x3 (see conv.py).
+    return Conv2D(features, (3, 3), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
 
 
 class ResnetBlock2D(nn.Module):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
+from ipadapter_jax.models.resnet import conv3x3
 from ipadapter_jax.models.unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock
 from ipadapter_jax.models.unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_MID, CROSS_ATTN_UP, UNetConfig
 
@@ -61,8 +62,7 @@ class UNet2DConditionModel(nn.Module):
         x = sample.astype(dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
-        x = nn.Conv(cfg.block_out_channels[0], (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                    name="conv_in")(x)
+        x = conv3x3(cfg.block_out_channels[0], "conv_in", self.dtype)(x)
         context = encoder_hidden_states.astype(dtype)
 
         skips = [x]
@@ -99,8 +99,7 @@ class UNet2DConditionModel(nn.Module):
               upsample_size=None if is_final else skips[-1].shape[1:3])
 
         x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype, use_fast_variance=False, name="conv_norm_out")(x)
-        return nn.Conv(cfg.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                       name="conv_out")(nn.silu(x))
+        return conv3x3(cfg.out_channels, "conv_out", self.dtype)(nn.silu(x))
 
     def _text_time_embedding(self, added_cond, batch, dtype):
         cfg = self.config

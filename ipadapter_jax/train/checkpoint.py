@@ -58,15 +58,58 @@ def host_copy(tree: Any) -> Any:
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint (or the adapter export) could not be written: the message names the step, the folder,
+    the cause and the last complete checkpoint, which a rerun resumes from."""
+
+
 class Checkpointer:
-    """Saves and restores the training state of one workdir (see module docstring)."""
+    """Saves and restores the training state of one workdir (see module docstring).
+
+    A failed save (full disk, unwritable folder, ...) raises `CheckpointSaveError`: at ``save`` when it fails
+    at once, else, for the background part of an async save, at the next ``check_for_errors`` (the loop calls
+    it every step), ``save``, ``wait_until_finished`` or ``close``.
+    """
 
     def __init__(self, workdir: str | Path, config: CheckpointConfig):
         self.workdir = Path(workdir)
+        self.directory = self.workdir / "checkpoints"
         self.config = config
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
-                                               enable_async_checkpointing=config.async_save)
-        self.manager = ocp.CheckpointManager(self.workdir / "checkpoints", options=options, item_names=ITEMS)
+        self._saving: int | None = None  # the step of the last save started (its background part may still run)
+        # The step folder is created in save() itself: created in the background, a failure (unwritable or full
+        # disk) left orbax's writer threads waiting for it until their 5-minute timeout, so the process hung
+        # that long before exiting with the error.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep, create=True, enable_async_checkpointing=config.async_save,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose checkpoint is complete on storage (read from storage, not the manager's cache)."""
+        try:
+            return sorted(ocp.path.step.checkpoint_steps(self.directory))
+        except Exception:  # e.g. the folder itself is unreadable: nothing can be promised
+            return []
+
+    def failure(self, what: str, step: int | None, exc: BaseException, where: Path | None = None
+                ) -> CheckpointSaveError:
+        """The error to raise when writing ``what`` (into ``where``, default the checkpoint folder) at ``step``
+        failed with ``exc``."""
+        committed = self.committed_steps()
+        last = f"step {committed[-1]}" if committed else "none"
+        at = f" at step {step}" if step is not None else ""
+        return CheckpointSaveError(
+            f"could not save {what}{at} in {where or self.directory}: {type(exc).__name__}: {exc}. The last complete "
+            f"checkpoint is {last}; the run stops here (free disk space or fix permissions, then rerun to "
+            f"resume from it)")
+
+    def _guard(self, call, what: str = "the checkpoint"):
+        try:
+            return call()
+        except CheckpointSaveError:
+            raise
+        except Exception as exc:
+            raise self.failure(what, self._saving, exc) from exc
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -86,8 +129,14 @@ class Checkpointer:
             rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
             config=ocp.args.JsonSave(config_dict),
         )
-        self.manager.save(step, args=args, force=True)
+        self._guard(self.manager.wait_until_finished)  # a failure of the previous save is reported as its own
+        self._saving = step
+        self._guard(lambda: self.manager.save(step, args=args, force=True))
         return step
+
+    def check_for_errors(self) -> None:
+        """Raise `CheckpointSaveError` if the background part of the last save failed (cheap; call often)."""
+        self._guard(self.manager.check_for_errors)
 
     def restore(self, abstract_state: TrainState, abstract_rng_data: jax.ShapeDtypeStruct,
                 step: int | None = None) -> tuple[TrainState, jax.Array, dict, dict]:
@@ -115,11 +164,18 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     def wait_until_finished(self) -> None:
-        self.manager.wait_until_finished()
+        self._guard(self.manager.wait_until_finished)
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, raise_errors: bool = True) -> None:
+        """Finish pending saves and release the manager. ``raise_errors=False`` (closing because of another
+        error) logs a failed save instead of raising it over that error."""
+        try:
+            self._guard(self.manager.wait_until_finished)
+            self.manager.close()
+        except Exception as exc:
+            if raise_errors:
+                raise
+            logger.error("%s", exc)
 
 
 def data_state_for_process(saved: dict, process_index: int, process_count: int) -> dict:
@@ -145,8 +201,12 @@ def export_adapter(params: Any, projection: ProjectionConfig, workdir: str | Pat
     save_ip_adapter(adapter, per_step, dtype=np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16)
     latest = workdir / EXPORT_NAME
     latest_tmp = workdir / (EXPORT_NAME + ".tmp.safetensors")
-    latest_tmp.write_bytes(per_step.read_bytes())
-    latest_tmp.replace(latest)  # atomic: a reader never sees a half-written latest file
+    try:
+        latest_tmp.write_bytes(per_step.read_bytes())
+        latest_tmp.replace(latest)  # atomic: a reader never sees a half-written latest file
+    except BaseException:
+        latest_tmp.unlink(missing_ok=True)  # a half-written copy must not linger under a .safetensors name
+        raise
     exports = sorted((workdir / "adapters").glob("ip_adapter_*.safetensors"))
     for old in exports[:-keep]:
         old.unlink(missing_ok=True)

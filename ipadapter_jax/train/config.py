@@ -66,6 +66,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     final_lr_fraction: float = 0.0
     grad_clip_norm: float = 1.0
+    max_nonfinite_steps: int = 10
     grad_accum_steps: int = 1
 
 
@@ -154,6 +155,7 @@ class TrainConfig:
                         "optimizer.weight_decay": self.optimizer.weight_decay,
                         "optimizer.warmup_steps": self.optimizer.warmup_steps,
                         "optimizer.grad_clip_norm": self.optimizer.grad_clip_norm,
+                        "optimizer.max_nonfinite_steps": self.optimizer.max_nonfinite_steps,
                         "loss.noise_offset": self.loss.noise_offset, "loss.min_snr_gamma": self.loss.min_snr_gamma,
                         "validation.every_steps": self.validation.every_steps,
                         "data.decode_threads": self.data.decode_threads,

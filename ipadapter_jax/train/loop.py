@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ipadapter_jax.train.checkpoint import Checkpointer, data_state_for_process, export_adapter, gather_json
+from ipadapter_jax.train.checkpoint import (EXPORT_NAME, Checkpointer, data_state_for_process, export_adapter,
+                                            gather_json)
 from ipadapter_jax.train.config import TrainConfig
 from ipadapter_jax.train.data_feed import DataFeed, make_source
 from ipadapter_jax.train.metrics_log import MetricsLog, truncate_metrics
@@ -37,6 +39,11 @@ class TrainResult:
     resumed_from: int | None  # the checkpoint step the run started from, if any
     last_metrics: dict  # the last logged record
     workdir: Path
+
+
+class NonFiniteLossError(RuntimeError):
+    """``optimizer.max_nonfinite_steps`` consecutive steps had a NaN/Inf loss or gradient; the run stopped
+    after checkpointing the last good parameters (the skipped steps never changed them)."""
 
 
 class StopRequest:
@@ -136,12 +143,19 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
     last_saved = resumed_from
     last_record: dict = {}
     preempted = False
+    # Steps whose update was skipped for a NaN/Inf loss or gradient: in a row, and since the last record.
+    nonfinite_in_a_row = nonfinite_since_log = 0
+    diverged = False
 
     def save() -> None:
         nonlocal last_saved
         checkpointer.save(state, rng, data_state, config.to_dict())
-        export_adapter(state.params, setup.projection, workdir, step, config.checkpoint.keep,
-                       config.checkpoint.export_dtype)
+        try:
+            export_adapter(state.params, setup.projection, workdir, step, config.checkpoint.keep,
+                           config.checkpoint.export_dtype)
+        except Exception as exc:
+            checkpointer.wait_until_finished()  # so the message names the checkpoints that did complete
+            raise checkpointer.failure(f"the adapter export {EXPORT_NAME}", step, exc, where=workdir) from exc
         last_saved = step
         log.reset_timer(step)
 
@@ -153,15 +167,29 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
                 step += 1
                 data_state = fed.data_state
                 log.tick(step)
-                if step % config.log.every_steps == 0 or step == config.num_steps:
+                if int(metrics["nonfinite"]):
+                    nonfinite_in_a_row += 1
+                    nonfinite_since_log += 1
+                    logger.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); update skipped",
+                                   step, float(metrics["loss"]), float(metrics["grad_norm"]))
+                else:
+                    nonfinite_in_a_row = 0
+                diverged = 0 < config.optimizer.max_nonfinite_steps <= nonfinite_in_a_row
+                if step % config.log.every_steps == 0 or step == config.num_steps or diverged:
                     record = dict(jax.device_get(metrics))
+                    del record["nonfinite"]
+                    record["nonfinite_steps"] = nonfinite_since_log
+                    nonfinite_since_log = 0
                     record.update(_skip_metrics(fed.counters))
                     last_record = log.log(step, record)
+                if diverged:
+                    break
                 if step % config.checkpoint.every_steps == 0:
                     save()
                 if validator is not None and step % config.validation.every_steps == 0:
                     validator.run(state.params, step, log)
                     log.reset_timer(step)
+                checkpointer.check_for_errors()  # a failed background save stops the run now, not at the next save
                 if stop.requested():
                     preempted = True
                     break
@@ -170,8 +198,15 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
             checkpointer.wait_until_finished()
     finally:
         feed.close()
-        checkpointer.close()
+        checkpointer.close(raise_errors=sys.exc_info()[0] is None)
         log.close()
+    if diverged:
+        raise NonFiniteLossError(
+            f"stopped at step {step}: {nonfinite_in_a_row} consecutive steps ({step - nonfinite_in_a_row + 1}.."
+            f"{step}) had a non-finite loss or gradient (optimizer.max_nonfinite_steps="
+            f"{config.optimizer.max_nonfinite_steps}); their updates were skipped, so the checkpoint at step "
+            f"{step} holds the parameters of step {step - nonfinite_in_a_row}, the last good one. Check the data "
+            f"and the learning rate before resuming from it")
     if preempted:
         logger.warning("stopped at step %d on request; the checkpoint there resumes the run", step)
     return TrainResult(step=step, preempted=preempted, resumed_from=resumed_from, last_metrics=last_record,

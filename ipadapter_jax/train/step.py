@@ -121,6 +121,16 @@ def per_example_loss(params: dict, modules: FrozenModules, frozen: dict, encoded
     return mse
 
 
+def skip_nonfinite_update(loss: jax.Array, grad_norm: jax.Array, updated: Any, previous: Any
+                          ) -> tuple[Any, Any, jax.Array]:
+    """``(params, opt_state, finite)``: the ``updated`` pair when the loss and the gradient norm are finite,
+    else the ``previous`` one, so a NaN/Inf (bad data, an overflow) reaches neither the weights nor Adam's
+    moments. ``finite`` is the scalar bool that decided."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, previous)
+    return params, opt_state, finite
+
+
 def make_train_step(modules: FrozenModules, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     settings: StepSettings, micro_batch_sharding: Callable[[int], NamedSharding] | None = None):
     """The pure step. ``micro_batch_sharding(ndim)`` (optional) pins each micro-batch's layout when
@@ -163,7 +173,11 @@ def make_train_step(modules: FrozenModules, tx: optax.GradientTransformation, lr
             loss, grads = loss / n, jax.tree.map(lambda g: g / n, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": lr_schedule(state.step)}
+        grad_norm = optax.global_norm(grads)
+        params, opt_state, finite = skip_nonfinite_update(loss, grad_norm, (params, opt_state),
+                                                          (state.params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step),
+                   "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
