@@ -217,3 +217,13 @@ def test_fine_tuning_starts_from_the_given_adapter_file(sd15):
     other = dataclasses.replace(sd15.adapter.projection, num_tokens=8)
     with pytest.raises(ValueError, match="set the adapter.\\* config to match the file"):
         state_initializer(modules.unet_config, other, tx, load_ip_adapter(sd15.adapter_path))
+
+
+def test_noise_offset_shifts_each_example_and_channel_by_a_constant():
+    shape = (4, 8, 8, 4)
+    _, plain, t = draw_noise(jax.random.key(2), shape, 1000)
+    _, offset, t2 = draw_noise(jax.random.key(2), shape, 1000, noise_offset=0.1)
+    shift = np.asarray(offset - plain)
+    assert np.array_equal(np.asarray(t), np.asarray(t2))
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1, :1, :], shape), atol=1e-6)
+    assert 0.01 < np.abs(shift[:, 0, 0, :]).mean() < 0.3  # 0.1 * |N(0, 1)| on average ~0.08
