@@ -1,10 +1,12 @@
 """IP-Adapter for Stable Diffusion 1.5 (the paper's setup: plain adapter, 4 image tokens, CLIP ViT-H/14 image
 encoder, 512px, AdamW lr 1e-4, weight decay 0.01, 5% text / image / both dropout).
 
-Usage: python train.py --config configs/sd15.py --workdir gs://bucket/runs/sd15 \
+Usage: python train.py --config configs/sd15.py --workdir /mnt/runs/sd15 \
     --config.model.model_dir=/models/stable-diffusion-v1-5 \
     --config.model.image_encoder_dir=/models/IP-Adapter/models/image_encoder \
     --config.data.shards='gs://bucket/shards/{00000..01023}.tar' --config.batch_size=256
+
+The workdir is a local path or a mounted bucket (gcsfuse); shards may be read from gs:// directly.
 """
 
 import ml_collections

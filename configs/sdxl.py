@@ -2,9 +2,11 @@
 1024px. The frozen UNet and text encoders are split over ``mesh.fsdp`` devices and UNet blocks are
 rematerialised, so the step fits 16 GiB chips.
 
-Usage: python train.py --config configs/sdxl.py --workdir gs://bucket/runs/sdxl \
+Usage: python train.py --config configs/sdxl.py --workdir /mnt/runs/sdxl \
     --config.model.model_dir=/models/stable-diffusion-xl-base-1.0 \
     --config.model.image_encoder_dir=/models/IP-Adapter/models/image_encoder --config.mesh.fsdp=8
+
+The workdir is a local path or a mounted bucket (gcsfuse); shards may be read from gs:// directly.
 """
 
 import ml_collections

@@ -12,6 +12,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+from PIL import Image
 
 from train_support import (adapter_arrays, finished_checkpoints, log_of, max_abs_diff, start_train, tiny_config,
                            wait_for, world)  # noqa: F401  (world is a fixture)
@@ -22,7 +24,8 @@ from ipadapter_jax.train.setup import build_setup
 
 
 def test_run_writes_metrics_checkpoints_exports_and_resumes(world, tmp_path):
-    config = tiny_config(world, num_steps=6, log__every_steps=2, checkpoint__every_steps=3)
+    config = tiny_config(world, num_steps=6, log__every_steps=2, checkpoint__every_steps=3,
+                         validation__every_steps=3, validation__num_inference_steps=2)
     result = main(config, tmp_path)
     assert result.step == 6 and not result.preempted and result.resumed_from is None
 
@@ -35,6 +38,11 @@ def test_run_writes_metrics_checkpoints_exports_and_resumes(world, tmp_path):
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [
         "ip_adapter_00000003.safetensors", "ip_adapter_00000006.safetensors"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # Validation grids: rows = 2 image prompts, columns = the prompt + scales 0, 0.5, 1; 64px cells.
+    grids = sorted((tmp_path / "validation").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_00000003.png", "step_00000006.png"]
+    grid = np.asarray(Image.open(grids[-1]))
+    assert grid.shape == (2 * 64, 4 * 64, 3) and grid.std() > 0
 
     # The exported file is the checkpoint's adapter, and the latest export is the step-6 one.
     latest = adapter_arrays(tmp_path / "ip_adapter.safetensors")
@@ -51,7 +59,10 @@ def test_run_writes_metrics_checkpoints_exports_and_resumes(world, tmp_path):
     restored = ip_adapter_state_dict(IPAdapter(setup.projection, jax_to_numpy(state.params)))
     assert max(np.abs(restored[k] - v).max() for k, v in _file_tensors(tmp_path / "ip_adapter.safetensors").items()) == 0
 
+    with pytest.raises(FileExistsError, match="already has checkpoints"):
+        main(config, tmp_path, resume=False)
     # Running again with more steps resumes from step 6.
+    config.validation.every_steps = 0
     config.num_steps = 8
     result = main(config, tmp_path)
     assert result.resumed_from == 6 and result.step == 8
@@ -131,7 +142,7 @@ def _write_tar(path, members):
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_corrupt_images_truncated_shards_and_missing_captions_are_skipped_and_counted(world, tmp_path):
+def test_corrupt_images_truncated_shards_and_missing_captions_are_skipped_and_counted(world, tmp_path, monkeypatch):
     good = world["shards"].replace("{00000..00007}", "00000"), world["shards"].replace("{00000..00007}", "00001")
     members = _tar_members(good[0])
     broken = []
@@ -150,7 +161,8 @@ def test_corrupt_images_truncated_shards_and_missing_captions_are_skipped_and_co
     # also takes the configs' defaults for large models: bfloat16 frozen weights and rematerialised blocks.
     config = tiny_config(world, num_steps=16, data__shards=spec, log__every_steps=16, checkpoint__every_steps=16,
                          model__compute_dtype="bfloat16", model__remat=True)
-    result = main(config, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    result = main(config, "run")  # a relative workdir, as train.py's default
     assert result.step == 16
     last = read_metrics(tmp_path / "run")[-1]
     assert last["skipped_undecodable_image"] >= 4, last

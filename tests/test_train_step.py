@@ -20,17 +20,18 @@ import pytest
 import torch
 
 from train_support import world  # noqa: F401
-from ipadapter_jax.data.clip_image_processing import clip_preprocess
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule
 from ipadapter_jax.models.adapter import new_ip_adapter
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.train.frozen import load_frozen_models
-from ipadapter_jax.train.state import TrainState
+from ipadapter_jax.train.config import OptimizerConfig
+from ipadapter_jax.train.state import (TrainState, cross_attention_kv, learning_rate_schedule, make_optimizer,
+                                       state_initializer)
 from ipadapter_jax.train.step import (StepSettings, draw_noise, encode_batch, latent_shape, make_train_step,
                                       per_example_loss)
 from ipadapter_jax.train.tiny_world import shape_samples, write_tiny_model
-from ipadapter_jax.weights.ip_adapter_file import save_ip_adapter
+from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter, save_ip_adapter
 
 TOL = 1e-4
 BATCH = 4
@@ -194,3 +195,35 @@ def test_gradient_accumulation_averages_micro_batch_gradients(sd15):
     assert diff <= 1e-6, diff
     assert abs(float(metrics["loss"]) - float(sum(losses) / 2)) <= 1e-6
     assert int(new_state.step) == 4
+
+
+@pytest.mark.parametrize("schedule, middle", [("cosine", 1e-4 + 0.5 * 9e-4), ("linear", 1e-4 + 0.5 * 9e-4),
+                                              ("constant", 1e-3)])
+def test_learning_rate_warms_up_then_follows_the_schedule(schedule, middle):
+    config = OptimizerConfig(learning_rate=1e-3, warmup_steps=10, schedule=schedule, final_lr_fraction=0.1)
+    lr = learning_rate_schedule(config, num_steps=110)
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10, 60, 110)],
+                               [0.0, 5e-4, 1e-3, middle, 1e-3 if schedule == "constant" else 1e-4], rtol=1e-5)
+
+
+def test_fine_tuning_starts_from_the_given_adapter_file(sd15):
+    tx, _ = make_optimizer(OptimizerConfig(), 100)
+    modules = sd15.modules
+    kv = cross_attention_kv(modules.unet_config, sd15.frozen_models.host_params["unet"])
+    init = state_initializer(modules.unet_config, sd15.adapter.projection, tx, load_ip_adapter(sd15.adapter_path))
+    state = jax.jit(init)(jax.random.key(0), kv)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(sd15.adapter.params)):
+        assert a.dtype == jnp.float32 and np.array_equal(np.asarray(a), np.asarray(b))
+    other = dataclasses.replace(sd15.adapter.projection, num_tokens=8)
+    with pytest.raises(ValueError, match="set the adapter.\\* config to match the file"):
+        state_initializer(modules.unet_config, other, tx, load_ip_adapter(sd15.adapter_path))
+
+
+def test_noise_offset_shifts_each_example_and_channel_by_a_constant():
+    shape = (4, 8, 8, 4)
+    _, plain, t = draw_noise(jax.random.key(2), shape, 1000)
+    _, offset, t2 = draw_noise(jax.random.key(2), shape, 1000, noise_offset=0.1)
+    shift = np.asarray(offset - plain)
+    assert np.array_equal(np.asarray(t), np.asarray(t2))
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1, :1, :], shape), atol=1e-6)
+    assert 0.01 < np.abs(shift[:, 0, 0, :]).mean() < 0.3  # 0.1 * |N(0, 1)| on average ~0.08

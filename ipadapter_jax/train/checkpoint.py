@@ -72,7 +72,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str | Path, config: CheckpointConfig):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # orbax refuses relative paths
         self.directory = self.workdir / "checkpoints"
         self.config = config
         self._saving: int | None = None  # the step of the last save started (its background part may still run)

@@ -114,6 +114,14 @@ def _initial_state(setup: TrainingSetup, checkpointer: Checkpointer, resume: boo
     return state, rng, data_state, latest
 
 
+def _refuse_existing_checkpoints(workdir: Path) -> None:
+    folder = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    if steps:
+        raise FileExistsError(f"{workdir} already has checkpoints (latest step {steps[-1]}); resume, or train "
+                              f"in another workdir")
+
+
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
@@ -124,9 +132,12 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> TrainResult:
-    """Train (or continue training) an IP-Adapter as ``config`` says, in ``workdir``."""
-    workdir = Path(workdir)
+    """Train (or continue training) an IP-Adapter as ``config`` says, in ``workdir`` (a local path, or a mounted
+    bucket such as gcsfuse's; orbax needs it absolute)."""
+    workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    if not resume:  # refuse before minutes of loading and compiling, not after
+        _refuse_existing_checkpoints(workdir)
     setup = build_setup(config, workdir)
     checkpointer = Checkpointer(workdir, config.checkpoint)
     state, rng, data_state, resumed_from = _initial_state(setup, checkpointer, resume)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
