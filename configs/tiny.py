@@ -1,10 +1,14 @@
-"""The built-in default: a tiny random base model and tiny synthetic shards, trained on a laptop CPU.
+"""The built-in default: the shipped toy world (``ipadapter_jax/assets/toy/base``, a trained tiny SD-style
+model on 32x32 coloured shapes; see ``ipadapter_jax/toy`` and TOY_WORLD.md) and its shapes shards, written
+into WORKDIR on first use, trained on a laptop CPU.
 
 Usage: python train.py --config configs/tiny.py --workdir workdir [--config.num_steps=50]
 (``python train.py`` with no arguments runs exactly this.)
 """
 
 import ml_collections
+
+from ipadapter_jax.toy_assets import ASSETS
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -14,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 8  # global batch over all devices and hosts
 
     c.model = ml_collections.ConfigDict()
-    c.model.model_dir = ""  # diffusers-layout base model folder; "" writes a tiny random one into WORKDIR/tiny_world
+    c.model.model_dir = str(ASSETS / "base")  # diffusers-layout base folder; "" writes a tiny random one instead
     c.model.image_encoder_dir = ""  # CLIPVisionModelWithProjection folder; "" means model_dir/image_encoder
     c.model.compute_dtype = "float32"  # dtype of the frozen weights and activations (float32 on CPU)
     c.model.attention_implementation = "xla"  # attention kernel: "xla" (default) or another our attention supports
@@ -32,9 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.adapter.ff_mult = 4  # Plus only: feed-forward expansion
 
     c.data = ml_collections.ConfigDict()
-    c.data.shards = ""  # webdataset shard spec (paths, globs, {a..b} braces, gs://, pipe:); "" writes tiny shards
+    c.data.shards = ""  # webdataset shard spec (paths, globs, {a..b} braces, gs://, pipe:); "" writes toy shards
     c.data.caption_field = ""  # "" reads the caption from .txt; else this (dotted) field of the .json member
-    c.data.resolution = 64  # training image side (shortest side resized, then centre crop); multiple of 8
+    c.data.resolution = 32  # training image side (shortest side resized, then centre crop); the toy world's 32
     c.data.random_crop = False  # random instead of centre crop
     c.data.drop_text = 0.05  # probability of dropping only the caption (classifier-free guidance)
     c.data.drop_image = 0.05  # probability of dropping only the image

@@ -168,3 +168,41 @@ def test_protocol_without_labels_has_no_toy_metrics(scorer):
     plain = [refs.Reference(r.key, r.image, r.caption) for r in refs.toy_references(2)]
     report = run_protocol(_CopyingPipe(), scorer, plain, images_per_reference=1, log=lambda _: None)
     assert "colour_match" not in report["results"][0] and "chance" not in report
+
+
+def test_cli_end_to_end_on_the_toy_base(tmp_path):
+    """A random (paper-initialised) adapter for the shipped toy base, two references, two DDIM steps."""
+    import jax
+
+    from ipadapter_jax.evaluate.cli import main
+    from ipadapter_jax.models.adapter import new_ip_adapter
+    from ipadapter_jax.models.image_projection import ProjectionConfig
+    from ipadapter_jax.toy_assets import ASSETS
+    from ipadapter_jax.weights.ip_adapter_file import save_ip_adapter
+    from ipadapter_jax.weights.load_unet import load_unet
+
+    _, unet_params, config = load_unet(ASSETS / "base" / "unet")
+    projection = ProjectionConfig("plain", embed_dim=64, cross_attention_dim=config.cross_attention_dim)
+    adapter_path = tmp_path / "ip_adapter.safetensors"
+    save_ip_adapter(new_ip_adapter(config, unet_params, projection, jax.random.key(0)), adapter_path)
+    report = main(["--ip-adapter", str(adapter_path), "--num-references", "2", "--images-per-reference", "2",
+                   "--steps", "2", "--guidance", "3", "--scales", "0", "1", "--out", str(tmp_path / "r.json"),
+                   "--grid", str(tmp_path / "grid.png")])
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    assert written["model"].endswith("base") and written["clip"].endswith("clip")
+    assert [r["scale"] for r in written["results"]] == [0.0, 1.0]
+    for result in written["results"]:
+        assert result["generations"] == 4 and -1.0 <= result["clip_i"] <= 1.0 and 0.0 <= result["clip_t"] <= 2.5
+        assert 0.0 <= result["colour_match"] <= 1.0 and "images" not in result
+    assert written["chance"]["shape_match"] == pytest.approx(1 / 3)
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+def test_file_references_read_toy_labels(tmp_path):
+    image = make_examples(1, seed=2)
+    Image.fromarray(image.images[0]).save(tmp_path / "ref.png")
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "blank.png")
+    found = refs.file_references([tmp_path / "ref.png", tmp_path / "blank.png"], "a caption")
+    assert found[0].labels == {"colour": image.specs[0].colour, "shape": image.specs[0].shape}
+    assert found[1].labels == {} and found[1].caption == "a caption"

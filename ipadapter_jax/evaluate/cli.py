@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--coco-images", help="the unpacked val2017/ image folder")
     data.add_argument("--coco-tfds", action="store_true", help="read COCO-2017 images through TFDS (coco/2017)")
     data.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir")
+    data.add_argument("--reference", nargs="+", default=None, help="reference image file(s) instead")
+    data.add_argument("--reference-caption", default="", help="caption of the --reference image(s)")
     data.add_argument("--num-references", type=int, default=None,
                       help=f"references used (default: all; {DEFAULT_TOY_REFERENCES} for the toy set)")
     g = p.add_argument_group("generation")
@@ -57,6 +59,8 @@ def _references(args):
     from ipadapter_jax.evaluate import references as refs
 
     n = args.num_references
+    if args.reference:
+        return "reference images", refs.file_references(args.reference, args.reference_caption)
     if args.coco_captions:
         if args.coco_tfds:
             return "coco2017 (tfds)", refs.coco_tfds_references(args.coco_captions, n, args.tfds_data_dir)

@@ -39,6 +39,20 @@ def toy_references(count: int = 64, seed: int = 0) -> list[Reference]:
             for i, (image, spec, caption) in enumerate(zip(data.images, data.specs, data.captions))]
 
 
+def file_references(paths, caption: str = "") -> list[Reference]:
+    """Image files with one caption. Toy-world images (those the pixel classifier reads a colour and a shape
+    from) get that reading as labels, so the colour / shape counts of the generations are reported."""
+    from ipadapter_jax.toy.classify import classify
+
+    out = []
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"), np.uint8)
+        reading = classify(image)
+        labels = {"colour": reading.colour, "shape": reading.shape} if reading.colour is not None else {}
+        out.append(Reference(Path(path).name, image, caption, labels))
+    return out
+
+
 def shard_references(spec: str, count: int | None = None) -> list[Reference]:
     """Samples of webdataset shards (image + ``txt``, or the ``caption`` of the ``json`` member), in order."""
     from ipadapter_jax.data.shards import expand_shard_spec

@@ -45,6 +45,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 def copy_tokenizer(tokenizer_dir: str | Path, folder: str | Path) -> Path:
     folder = Path(folder)
+    if folder.resolve() == Path(tokenizer_dir).resolve():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(Path(tokenizer_dir) / name, folder / name)

@@ -48,7 +48,8 @@ class BuildSettings:
     @classmethod
     def miniature(cls, seed: int = 0) -> "BuildSettings":
         """Every piece at a few steps: for tests of the build itself (the models learn nothing)."""
-        return cls(clip=MiniClipSettings(num_images=64, steps=2, batch_size=16, warmup_steps=1, eval_every=1, seed=seed),
+        return cls(clip=MiniClipSettings(num_images=64, steps=2, batch_size=16, warmup_steps=1, eval_every=1,
+                                         seed=seed),
                    vae=TinyVaeSettings(num_images=64, steps=2, batch_size=8, warmup_steps=1, seed=seed),
                    unet=TinyUnetSettings(num_images=64, steps=2, batch_size=8, warmup_steps=1, seed=seed),
                    check_images_per_caption=1, check_steps=2)

@@ -128,7 +128,8 @@ def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTo
         weight = jnp.minimum(ratio, s.min_snr_gamma) / (ratio + 1.0)
         return jnp.mean(weight * per_example)
 
-    lr = optax.warmup_cosine_decay_schedule(0.0, s.learning_rate, s.warmup_steps, s.steps, 0.05)
+    # Constant after the warmup, as SD was trained, with the EMA doing the averaging a decay would.
+    lr = optax.linear_schedule(0.0, s.learning_rate, s.warmup_steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01))
     opt_state = tx.init(params)
     ema = params

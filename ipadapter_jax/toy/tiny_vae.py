@@ -32,9 +32,9 @@ class TinyVaeSettings:
     latent_channels: int = 4
     norm_num_groups: int = 8
     num_images: int = 4096
-    steps: int = 600
-    batch_size: int = 32
-    learning_rate: float = 1e-3
+    steps: int = 1500
+    batch_size: int = 16
+    learning_rate: float = 2e-3
     warmup_steps: int = 30
     kl_weight: float = 1e-5
     edge_weight: float = 1.0

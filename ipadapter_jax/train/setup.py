@@ -60,19 +60,27 @@ class TrainingSetup:
 
 
 def tiny_world_paths(config: TrainConfig, workdir: Path) -> tuple[Path, str]:
-    """Model folder and shard spec, writing the tiny random world into ``WORKDIR/tiny_world`` when the config
-    names no model or no data. Process 0 writes; the others wait for it."""
+    """Model folder and shard spec when the config names no model or no data: with no model, the tiny random
+    world (model and its shards) in ``WORKDIR/tiny_world``; with a model but no data, the toy world's shapes
+    shards (``ipadapter_jax.toy.shapes_dataset``, what the shipped toy base was trained on) in
+    ``WORKDIR/toy_shards``. Process 0 writes; the others wait for it."""
     model_dir = Path(config.model.model_dir) if config.model.model_dir else workdir / "tiny_world" / "model"
-    shards_dir = workdir / "tiny_world" / "shards"
+    if config.model.model_dir:
+        from ipadapter_jax.toy.shapes_dataset import write_shape_shards
+
+        shards_dir = workdir / "toy_shards"
+    else:
+        write_shape_shards = tiny_world.write_shape_shards
+        shards_dir = workdir / "tiny_world" / "shards"
     if jax.process_index() == 0:
         if not config.model.model_dir:
             tiny_world.write_tiny_model(model_dir, seed=config.seed)
         if not config.data.shards:
-            tiny_world.write_shape_shards(shards_dir, seed=config.seed)
+            write_shape_shards(shards_dir, seed=config.seed)
     if not (config.model.model_dir and config.data.shards):
         wait_for_all_processes("tiny_world_written")
     # On every process: the shard spec (the shards themselves were written above and are reused).
-    shards = config.data.shards or tiny_world.write_shape_shards(shards_dir, seed=config.seed)
+    shards = config.data.shards or write_shape_shards(shards_dir, seed=config.seed)
     return model_dir, shards
 
 
