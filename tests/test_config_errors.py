@@ -56,8 +56,8 @@ def _with(config, **values):
 
 
 CONFIG_ONLY = {
-    "unknown_key": (dict(optimizer__learnig_rate=1e-3),
-                    ConfigError, r"config\.optimizer\.learnig_rate \(did you mean config\.optimizer\.learning_rate\?\)"),
+    "unknown_key": (dict(optimizer__learnig_rate=1e-3), ConfigError,
+                    r"config\.optimizer\.learnig_rate \(did you mean config\.optimizer\.learning_rate\?\)"),
     "unknown_section": (dict(optimiser={"learning_rate": 1e-3}), ConfigError, r"config\.optimiser"),
     "negative_learning_rate": (dict(optimizer__learning_rate=-1e-4), ConfigError,
                                r"optimizer\.learning_rate=-0\.0001 must not be negative"),
@@ -165,8 +165,8 @@ for name, values in json.loads(sys.argv[2]).items():
 """
 
 FOUR_DEVICES = {
-    "batch_not_divisible_by_data_parallel": (dict(batch_size=6), "ConfigError",
-                                             r"batch_size=6 is not divisible by the data-parallel size data x fsdp = 4"),
+    "batch_not_divisible_by_data_parallel": (
+        dict(batch_size=6), "ConfigError", r"batch_size=6 is not divisible by the data-parallel size data x fsdp = 4"),
     "micro_batch_not_divisible": (dict(batch_size=8, optimizer__grad_accum_steps=4), "ConfigError",
                                   r"micro-batch batch_size / grad_accum_steps = 2 is not divisible by the "
                                   r"data-parallel size 4"),
