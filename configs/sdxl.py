@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 1000  # linear warmup from 0
     c.optimizer.final_lr_fraction = 0.0  # cosine/linear decay ends at this fraction of the peak
     c.optimizer.grad_clip_norm = 1.0  # global-norm gradient clipping; 0 turns it off
-    c.optimizer.max_nonfinite_steps = 10  # stop after this many consecutive steps with a NaN/Inf loss or gradient (each one's update is skipped); 0 = never stop
+    c.optimizer.max_nonfinite_steps = 10  # stop after this many NaN/Inf steps in a row (each update skipped); 0 = never
     c.optimizer.grad_accum_steps = 1  # micro-batches per update (batch_size must divide by it)
 
     c.loss = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from train_support import REPO, config_flags, finished_checkpoints, log_of, subprocess_env
+from ipadapter_jax.train.checkpoint import TRASH
 
 # Runs train.py after exec'ing the code in $FAULT_PATCH (if any) in this interpreter: the patch changes the
 # trainer's own modules (a writer that fails, a batch that turns NaN) without touching the library.
@@ -111,7 +112,7 @@ def assert_workdir_consistent(workdir: Path) -> list[int]:
 
     steps = finished_checkpoints(workdir)
     for name in checkpoint_dir_names(workdir):
-        assert name.isdigit() or "orbax-checkpoint-tmp" in name, f"unexpected entry in checkpoints/: {name}"
+        assert name.isdigit() or "orbax-checkpoint-tmp" in name or name == TRASH, f"unexpected in checkpoints/: {name}"
     for step in steps:
         restored = restore_checkpoint(workdir, step)
         assert restored["step"] == step

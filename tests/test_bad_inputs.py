@@ -19,7 +19,8 @@ from bad_inputs.corpus import SAMPLE_CASES, SHARD_CASES, SHARD_KEYS, RESOLUTION
 from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig
 from ipadapter_jax.data.examples import BatchCollator, ExampleProcessor
 from ipadapter_jax.data.image_ops import ImageDecodeError, decode_image
-from ipadapter_jax.data.synthetic import encode_image, random_image, write_image_shard, write_tar, write_tiny_clip_tokenizer
+from ipadapter_jax.data.synthetic import (encode_image, random_image, write_image_shard, write_tar,
+                                          write_tiny_clip_tokenizer)
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.data.webdataset_source import WebDatasetSource
 

@@ -13,6 +13,7 @@ tiny world, 8 steps, a checkpoint every 2 keeping 2).
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from fault_support import (assert_workdir_consistent, last_logged_step, output_of, restore_checkpoint,
-                           resumed_from, start_faulty_train, wait_then, writes_in_progress)
+from fault_support import (assert_workdir_consistent, last_logged_step, metric_steps, output_of,
+                           restore_checkpoint, resumed_from, start_faulty_train, wait_then, writes_in_progress)
 from train_support import (adapter_arrays, finished_checkpoints, max_abs_diff, tiny_config,  # noqa: F401
                            world)  # world is a fixture
 
@@ -50,34 +51,51 @@ def reference(world, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------- SIGKILL
 def kill_points(seed: int, count: int) -> list[tuple[str, float]]:
-    """``(kind, where)``: "startup" (a fraction of the reference's time to its first step: imports, model
-    loading, compilation, restoring), "step" (as soon as that step is logged), "async_write" (as soon as
-    the n-th checkpoint write of the run is under way, before orbax commits it). All SIGKILL."""
+    """``(kind, where)``, all SIGKILL: "startup" (a fraction of the reference's time to its first step:
+    imports, model loading, compilation, restoring), "step" (once the run has logged that many steps of its
+    own), "async_write" (once the run's n-th checkpoint write is under way, before orbax commits it)."""
     rng = random.Random(seed)
     points = []
     for i in range(count):
         kind = ("async_write", "step", "startup")[i % 3]
-        where = {"startup": rng.uniform(0.1, 0.95), "step": rng.randint(1, NUM_STEPS - 1),
-                 "async_write": rng.randint(1, 2)}[kind]
+        where = {"startup": rng.uniform(0.1, 0.95), "step": rng.randint(1, 3), "async_write": rng.randint(1, 2)}[kind]
         points.append((kind, where))
     return points
 
 
-def _interrupt_when(kind: str, where: float, proc: subprocess.Popen, workdir: Path, startup: float) -> bool:
+class RunStart:
+    """What the workdir held when a run started, so that its own progress can be told from leftovers."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.time = time.time()
+        committed = finished_checkpoints(workdir)
+        self.step = max(committed, default=0)  # where the run resumes (0: from scratch)
+        self.stale_writes = set(writes_in_progress(workdir))  # tmp folders of killed runs
+
+    def steps_done(self) -> int:
+        """Steps this run has logged (metrics.jsonl is rewritten when the run starts: older lines don't count)."""
+        path = self.workdir / "metrics.jsonl"
+        if not path.is_file() or path.stat().st_mtime <= self.time:
+            return 0
+        return max(0, last_logged_step(self.workdir) - self.step)
+
+    def writes_started(self, seen: set) -> bool:
+        now = set(writes_in_progress(self.workdir)) - self.stale_writes
+        seen.update(now)
+        return bool(now)
+
+
+def _interrupt_when(kind: str, where: float, proc: subprocess.Popen, run: RunStart, startup: float) -> bool:
     """Waits for the interruption point, then SIGKILLs (SIGTERMs for kind "sigterm"); False when the
     process ended first."""
     if kind == "startup":
         hit = wait_then(lambda: False, proc, timeout=where * startup) or proc.poll() is None
     elif kind in ("step", "sigterm"):
-        hit = wait_then(lambda: last_logged_step(workdir) >= where, proc, TIMEOUT)
+        hit = wait_then(lambda: run.steps_done() >= where, proc, TIMEOUT)
     else:
         seen: set[str] = set()
-
-        def nth_write_started():
-            seen.update(writes_in_progress(workdir))
-            return len(seen) >= where and bool(writes_in_progress(workdir))
-
-        hit = wait_then(nth_write_started, proc, TIMEOUT)
+        hit = wait_then(lambda: run.writes_started(seen) and len(seen) >= where, proc, TIMEOUT)
     if hit and proc.poll() is None:
         proc.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
     proc.wait(TIMEOUT)
@@ -88,37 +106,41 @@ def _kill_and_resume(world, reference, workdir: Path, points) -> list[str]:
     config = fault_config(world)
     events = []
     for number, (kind, where) in enumerate(points):
-        before = finished_checkpoints(workdir)
+        run = RunStart(workdir)
         proc = start_faulty_train(world, config, workdir, log_name=f"run{number}")
-        hit = _interrupt_when(kind, where, proc, workdir, reference["startup"])
+        hit = _interrupt_when(kind, where, proc, run, reference["startup"])
         restored_from = resumed_from(workdir, f"run{number}")
         if restored_from is not None:  # the run got as far as restoring: from the last complete checkpoint
-            assert restored_from == max(before), (kind, where, before, restored_from)
+            assert restored_from == run.step, (kind, where, run.step, restored_from)
         steps = assert_workdir_consistent(workdir)
         if kind == "sigterm" and hit:  # a clean stop, checkpointed at the step it stopped at
             output = output_of(workdir, f"run{number}")
             assert proc.returncode == 0, output[-3000:]
             stopped = int(output.split("stopped at step ")[1].split()[0].rstrip(";"))
             assert "(preempted)" in output and steps[-1] == stopped == last_logged_step(workdir)
-        events.append(f"{kind}={where}: {'killed' if hit else 'finished first'}, checkpoints {before} -> {steps}")
-    before = finished_checkpoints(workdir)
+        events.append(f"{kind}={where}: {'killed' if hit else 'finished first'}, checkpoints "
+                      f"{run.step or '-'} -> {steps}")
+    run = RunStart(workdir)
     proc = start_faulty_train(world, config, workdir, log_name="final")
     assert proc.wait(TIMEOUT) == 0, output_of(workdir, "final")[-3000:]
-    if before and max(before) < NUM_STEPS:
-        assert resumed_from(workdir, "final") == max(before)
+    if 0 < run.step < NUM_STEPS:
+        assert resumed_from(workdir, "final") == run.step
     assert_workdir_consistent(workdir)
+    assert [r["step"] for r in metric_steps(workdir)] == list(range(1, NUM_STEPS + 1))  # each step logged once
+    assert not writes_in_progress(workdir), "temporary checkpoint folders of killed runs were left behind"
     diff = max_abs_diff(adapter_arrays(workdir / "ip_adapter.safetensors"), reference["adapter"])
     assert diff == 0.0, (diff, events)
     return events
 
 
-def test_sigkill_during_an_async_write_and_sigterm_mid_run_then_resume(world, reference, tmp_path):
-    """SIGKILL while the step-4 checkpoint is being written, then SIGTERM after step 5 of the resumed run
-    (between checkpoints): each restart resumes from the last complete checkpoint, the SIGTERM leaves a
-    checkpoint at the step it stopped at, and the end result is the uninterrupted run's, bit for bit."""
-    events = _kill_and_resume(world, reference, tmp_path / "run", [("async_write", 2), ("sigterm", 5)])
+def test_sigkill_before_a_checkpoint_and_during_an_async_write_then_sigterm_then_resume(world, reference, tmp_path):
+    """SIGKILL after step 1 (no checkpoint yet), SIGKILL while the run's second checkpoint is being written,
+    then SIGTERM three steps into the next run (between checkpoints): each restart resumes from the last
+    complete checkpoint, the SIGTERM leaves a checkpoint at the step it stopped at, and the end result is
+    the uninterrupted run's, bit for bit."""
+    events = _kill_and_resume(world, reference, tmp_path / "run", [("step", 1), ("async_write", 2), ("sigterm", 3)])
     print("\n".join(events))
-    assert events[0].startswith("async_write=2: killed") and events[1].startswith("sigterm=5: killed")
+    assert all("killed" in e for e in events), events
 
 
 @pytest.mark.slow
@@ -197,3 +219,38 @@ def test_full_disk_when_exporting_the_adapter(world, tmp_path):
     exported = adapter_arrays(workdir / "ip_adapter.safetensors")  # the step-2 export, intact
     assert max_abs_diff(exported, adapter_arrays(workdir / "adapters" / "ip_adapter_00000002.safetensors")) == 0.0
     assert not list((workdir / "adapters").glob("*.tmp*")) and not list(workdir.glob("*.tmp*"))
+
+
+# ---------------------------------------------------------------------------- leftovers of killed saves
+def _tiny_state(step: int):
+    import jax.numpy as jnp
+
+    from ipadapter_jax.train.state import TrainState
+
+    return TrainState(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full(3, float(step))},
+                      opt_state={"m": jnp.zeros(3)})
+
+
+def test_pruning_is_one_rename_and_leftovers_of_killed_saves_are_removed(tmp_path):
+    """What a kill leaves in checkpoints/ (a save's temporary folder, a pruned checkpoint half deleted) is
+    removed when the next run opens it; pruning beyond ``keep`` moves the whole step folder out in one
+    rename, so no listed checkpoint is ever half deleted."""
+    import jax
+
+    from ipadapter_jax.train.checkpoint import TRASH, Checkpointer
+    from ipadapter_jax.train.config import CheckpointConfig
+
+    folder = tmp_path / "checkpoints"
+    (folder / "7.orbax-checkpoint-tmp" / "adapter").mkdir(parents=True)  # a save killed before its commit
+    (folder / TRASH / "1" / "adapter").mkdir(parents=True)  # a pruned checkpoint killed while being deleted
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep=2))
+    for step in (1, 2, 3):
+        checkpointer.save(_tiny_state(step), jax.random.key(0), {"position": step}, {"seed": 0})
+    checkpointer.wait_until_finished()
+    assert sorted(os.listdir(folder)) == sorted(["2", "3", TRASH])  # temporary folder gone; step 1 pruned ...
+    assert os.listdir(folder / TRASH) == ["1"]  # ... by a rename into the trash
+    assert checkpointer.committed_steps() == [2, 3]
+    checkpointer.close()
+    Checkpointer(tmp_path, CheckpointConfig(keep=2)).close()
+    assert sorted(os.listdir(folder)) == ["2", "3"]  # the trash is emptied by the next run
+    assert restore_checkpoint(tmp_path, 3)["adapter"]["w"].tolist() == [3.0, 3.0, 3.0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from ipadapter_jax.weights.ip_adapter_file import save_ip_adapter
 logger = logging.getLogger(__name__)
 
 ITEMS = ("adapter", "opt_state", "step", "data", "rng", "config")
+TRASH = ".deleted"  # inside checkpoints/: pruned checkpoints on their way out
 EXPORT_NAME = "ip_adapter.safetensors"
 
 
@@ -79,10 +81,20 @@ class Checkpointer:
         # The step folder is created in save() itself: created in the background, a failure (unwritable or full
         # disk) left orbax's writer threads waiting for it until their 5-minute timeout, so the process hung
         # that long before exiting with the error.
+        # Checkpoints beyond `keep` are renamed into TRASH (one atomic step) and deleted from there: deleted in
+        # place, a kill part-way left a step folder that is listed but does not restore. Temporary folders of
+        # saves a kill interrupted are removed when the manager starts.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep, create=True, enable_async_checkpointing=config.async_save,
-            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+            todelete_subdir=TRASH, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        # orbax ignores todelete_subdir on GCS (it deletes there directly), so the trash is a local folder.
+        if jax.process_index() == 0:
+            shutil.rmtree(self.directory / TRASH, ignore_errors=True)
 
     def committed_steps(self) -> list[int]:
         """Steps whose checkpoint is complete on storage (read from storage, not the manager's cache)."""
@@ -130,6 +142,7 @@ class Checkpointer:
             config=ocp.args.JsonSave(config_dict),
         )
         self._guard(self.manager.wait_until_finished)  # a failure of the previous save is reported as its own
+        self._empty_trash()  # what the previous save pruned
         self._saving = step
         self._guard(lambda: self.manager.save(step, args=args, force=True))
         return step

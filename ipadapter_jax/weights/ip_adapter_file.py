@@ -112,7 +112,8 @@ def _layers_from_state(ip_state: Mapping[str, np.ndarray], where: str) -> list[d
     if unexpected:
         raise WeightFileError(f"{where}: unexpected ip_adapter keys (LoRA / FaceID adapters are not supported): "
                               f"{sorted(unexpected)[:10]}")
-    not_float = sorted(f"{k} ({np.asarray(v).dtype})" for k, v in ip_state.items() if np.asarray(v).dtype.kind in "biuc")
+    not_float = sorted(f"{k} ({np.asarray(v).dtype})" for k, v in ip_state.items()
+                       if np.asarray(v).dtype.kind in "biuc")
     if not_float:
         raise WeightFileError(f"{where}: ip_adapter dtype mismatches, floating point needed: {not_float[:10]}")
     indices = sorted(by_index)
