@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from ipadapter_jax.models.attention import MultiHeadAttention
 from ipadapter_jax.models.decoupled_cross_attention import DecoupledCrossAttention
+from ipadapter_jax.models.group_norm import GroupNorm
 
 
 class GEGLU(nn.Module):
@@ -51,7 +52,7 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, image_tokens: Sequence[jax.Array] = ()):
-        norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name)  # noqa: E731
+        norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
         x = x + MultiHeadAttention(self.heads, self.head_dim, upcast=self.upcast_attention,
                                    implementation=self.attention_implementation, dtype=self.dtype,
                                    name="attn1")(norm("norm1")(x))
@@ -79,7 +80,7 @@ class Transformer2D(nn.Module):
     def __call__(self, x, context, image_tokens: Sequence[jax.Array] = ()):
         b, h, w, c = x.shape
         inner = self.heads * self.head_dim
-        y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, use_fast_variance=False, name="norm")(x)
+        y = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         if self.use_linear_projection:
             y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
         else:
