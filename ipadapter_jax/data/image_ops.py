@@ -137,7 +137,8 @@ def decode_image(
     transposed = False
     try:
         orientation = image.getexif().get(0x0112, 1)
-        if orientation not in (None, 1):
+        # Only 2..8 name a rotation/flip; exif_transpose leaves other values as stored.
+        if orientation in range(2, 9):
             image = ImageOps.exif_transpose(image)
             transposed = True
     except Exception:

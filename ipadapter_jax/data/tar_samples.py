@@ -4,23 +4,28 @@ image and caption out of a sample. No decoding of images here.
 Opening: local paths, ``file:``, ``pipe:`` and the schemes webdataset's ``gopen`` knows (``gs://``
 via ``gsutil cat``, ``http(s)://`` via curl, ``hf://``, ``ais://``, ...) go through ``gopen``; any
 other scheme (``s3://``, ``memory://``, ...) through ``fsspec``.
-Reading: webdataset's ``tar_file_iterator`` (streaming, ``r|*``), members grouped into samples by
-webdataset's key rule (``dir/name.ext1.ext2`` -> key ``dir/name``, ext ``ext1.ext2``, lower-cased).
+Reading: streaming ``tarfile`` (``r|*``: plain, gzip, bz2, xz), regular-file members only (links,
+directories and devices are ignored, never followed), grouped into samples by webdataset's key rule
+(``dir/name.ext1.ext2`` -> key ``dir/name``, ext ``ext1.ext2``, lower-cased).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.gopen import Pipe, gopen, gopen_schemes
+from webdataset.tariterators import base_plus_ext
 
 from ipadapter_jax.data.shards import url_scheme
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# webdataset's metadata members (``__key__``, ``__meta__/...``) are not sample data.
+_META_NAME = re.compile(r"__[^/]*__($|/)")
 
 
 class ShardError(Exception):
@@ -34,10 +39,18 @@ class ShardError(Exception):
 
 
 def open_shard(url: str):
-    """A readable binary stream for a shard URL."""
+    """A readable binary stream for a shard URL.
+
+    A ``pipe:`` command's exit status is not checked while reading (webdataset's pipe checks it on
+    every read, which turns a child that already wrote everything and exited into a lost shard,
+    depending on timing); `iter_shard_samples` checks it once the stream has been read to its end.
+    """
     scheme = url_scheme(url)
     if scheme in ("", "file", "pipe") or scheme in gopen_schemes:
-        return gopen(url, "rb")
+        stream = gopen(url, "rb")
+        if isinstance(stream, Pipe):
+            stream.ignore_errors = True
+        return stream
     import fsspec
 
     return fsspec.open(url, "rb").open()
@@ -50,12 +63,49 @@ def _close_quietly(stream) -> None:
         stream.close()
 
 
+def _check_archive_end(tar: tarfile.TarFile) -> None:
+    """Raise `tarfile.ReadError` unless the archive ended properly.
+
+    A streaming tarfile stops quietly, as if the archive ended there, at a header block that is
+    missing, cut short, corrupt or all zeros. Only the last is a real end, and then nothing but zero
+    padding follows; anything else means the rest of the shard was lost and must be counted.
+    """
+    stream = tar.fileobj  # the (decompressed) stream, positioned after the block that stopped tarfile
+    stopped_at, read = tar.offset, tar.fileobj.tell() - tar.offset
+    if read < tarfile.BLOCKSIZE:
+        what = "at a member boundary" if read == 0 else "inside a header"
+        raise tarfile.ReadError(f"archive cut {what} at byte {stopped_at + read}: no end-of-archive block")
+    while chunk := stream.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            raise tarfile.ReadError(f"corrupt or zero header block at byte {stopped_at} with data after it")
+
+
+def _check_exit_status(stream) -> None:
+    if isinstance(stream, Pipe):
+        status = stream.proc.wait(stream.timeout)
+        if status != 0:
+            raise OSError(f"pipe command exited with status {status}")
+
+
+def _tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular-file members of a tar stream, in stored order; raises on a
+    damaged archive (see `_check_archive_end`) or a failed pipe command, after the good members."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    while (info := tar.next()) is not None:
+        tar.members = []  # streaming: keep no per-member history
+        if info.isreg() and not _META_NAME.match(info.name):
+            yield info.name, tar.extractfile(info).read()
+    _check_archive_end(tar)
+    _check_exit_status(stream)
+
+
 def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
     """Samples of one shard in stored order: ``{"__key__": key, ext: bytes, ...}``.
 
     On a read error the members read so far are still grouped and yielded (the last sample may
     then lack a member and be skipped later as missing_image / missing_caption), then `ShardError`
-    is raised. A tar cut exactly at a member boundary cannot be told from a shorter shard.
+    is raised. Read errors include a tar that stops without its end-of-archive block (cut at or
+    inside a header, a corrupt header part-way) and a ``pipe:`` command that exits non-zero.
     Duplicate extensions within a key keep the first.
     """
     try:
@@ -67,9 +117,9 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
     try:
         current: dict[str, Any] | None = None
         try:
-            for member in tar_file_iterator(stream):
+            for name, data in _tar_members(stream):
                 members_read += 1
-                key, ext = base_plus_ext(member["fname"])
+                key, ext = base_plus_ext(name)
                 if key is None:
                     continue
                 ext = ext.lower()
@@ -78,7 +128,7 @@ def iter_shard_samples(url: str) -> Iterator[dict[str, Any]]:
                     current = None
                 if current is None:
                     current = {"__key__": key}
-                current.setdefault(ext, member["data"])
+                current.setdefault(ext, data)
         except Exception as exc:
             error = exc
         if current is not None:
@@ -111,12 +161,13 @@ def sample_caption(sample: dict[str, Any], json_field: str | None = None) -> tup
             raw = sample.get("txt")
             if raw is None:
                 return None, "missing_caption"
-            caption = raw.decode("utf-8")
+            # utf-8-sig: a byte-order mark (Windows tools write one) is not part of the caption.
+            caption = raw.decode("utf-8-sig")
         else:
             raw = sample.get("json")
             if raw is None:
                 return None, "missing_caption"
-            value: Any = json.loads(raw.decode("utf-8"))
+            value: Any = json.loads(raw.decode("utf-8-sig"))
             for part in json_field.split("."):
                 if not isinstance(value, dict) or part not in value:
                     return None, "missing_caption"

@@ -72,7 +72,7 @@ def element_image_and_caption(
         return image_bytes, None, "missing_caption"
     if isinstance(caption, bytes):
         try:
-            caption = caption.decode("utf-8")
+            caption = caption.decode("utf-8-sig")
         except UnicodeDecodeError:
             return image_bytes, None, "bad_caption"
     if not isinstance(caption, str):

@@ -9,6 +9,7 @@ which refuses pickles that would run code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -41,7 +42,19 @@ def _read_bin(path: Path) -> dict[str, dict[str, np.ndarray]]:
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(state, Mapping) or not {"image_proj", "ip_adapter"} <= set(state):
         raise WeightFileError(f"{path}: expected a dict with 'image_proj' and 'ip_adapter'")
-    return {part: {k: v.detach().float().numpy() for k, v in state[part].items()} for part in ("image_proj", "ip_adapter")}
+    # weights_only still lets through ints, strings, lists, ...: check before touching them as tensors.
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for part in ("image_proj", "ip_adapter"):
+        tensors = state[part]
+        if not isinstance(tensors, Mapping):
+            raise WeightFileError(f"{path}: {part!r} is a {type(tensors).__name__}, not a dict of tensors")
+        out[part] = {}
+        for key, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise WeightFileError(f"{path}: {part}.{key} is not a tensor ({type(value).__name__})")
+            # Floats as float32 (numpy has no bfloat16); integer tensors keep their dtype to be refused later.
+            out[part][str(key)] = (value.detach().float() if value.is_floating_point() else value.detach()).numpy()
+    return out
 
 
 def read_ip_adapter_state(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
@@ -99,6 +112,9 @@ def _layers_from_state(ip_state: Mapping[str, np.ndarray], where: str) -> list[d
     if unexpected:
         raise WeightFileError(f"{where}: unexpected ip_adapter keys (LoRA / FaceID adapters are not supported): "
                               f"{sorted(unexpected)[:10]}")
+    not_float = sorted(f"{k} ({np.asarray(v).dtype})" for k, v in ip_state.items() if np.asarray(v).dtype.kind in "biuc")
+    if not_float:
+        raise WeightFileError(f"{where}: ip_adapter dtype mismatches, floating point needed: {not_float[:10]}")
     indices = sorted(by_index)
     expected = [2 * i + 1 for i in range(len(indices))]
     if indices != expected:
@@ -111,13 +127,29 @@ def _layers_from_state(ip_state: Mapping[str, np.ndarray], where: str) -> list[d
     return [by_index[i] for i in indices]
 
 
-def load_ip_adapter(path: str | os.PathLike) -> IPAdapter:
+def _check_expected(found: ProjectionConfig, expect: ProjectionConfig | str, path) -> None:
+    wanted = expect if isinstance(expect, ProjectionConfig) else ProjectionConfig(variant=expect)  # validates
+    if found.variant != wanted.variant:
+        raise WeightFileError(f"{path}: holds a {found.variant} IP-Adapter ({found}), expected {wanted.variant}")
+    if isinstance(expect, ProjectionConfig) and found != expect:
+        diffs = [f"{f.name}: file {getattr(found, f.name)}, expected {getattr(expect, f.name)}"
+                 for f in dataclasses.fields(ProjectionConfig) if getattr(found, f.name) != getattr(expect, f.name)]
+        raise WeightFileError(f"{path}: holds a {found.variant} IP-Adapter of other sizes than expected: "
+                              + "; ".join(diffs))
+
+
+def load_ip_adapter(path: str | os.PathLike, expect: ProjectionConfig | str | None = None) -> IPAdapter:
     """Read a published-layout IP-Adapter (``.safetensors``, or ``.bin`` through torch's safe loader).
 
     The variant (plain, plus, full-face) and sizes are detected from the tensors. Arrays come back float32.
+    expect: None accepts whatever the file holds; a variant name ("plain", "plus", "full") or a whole
+    `ProjectionConfig` (e.g. the one a training config describes) makes any other content a
+    `WeightFileError` naming what differs.
     """
     state = read_ip_adapter_state(path)
     projection = detect_projection(state["image_proj"])
+    if expect is not None:
+        _check_expected(projection, expect, path)
     expected = jax.eval_shape(
         lambda: projection_module(projection).init(jax.random.key(0), dummy_projection_input(projection)))["params"]
     image_proj = torch_to_flax(state["image_proj"], expected, what=f"{path}: image_proj", dtype=np.float32)

@@ -28,6 +28,31 @@ class WeightFileError(ValueError):
     """A weight file or folder is missing, truncated, malformed or does not match the model."""
 
 
+def _not_safetensors_hint(start: bytes) -> str:
+    # A header length that exceeds the file is what a pickle or zip reads as; name what it really is.
+    if start.startswith(b"PK\x03\x04"):
+        return ": not a safetensors file but a zip archive (PyTorch's torch.save format); it is not unpickled"
+    if start[:1] == b"\x80":
+        return ": not a safetensors file but a Python pickle (PyTorch's legacy format); it is not unpickled"
+    return ""
+
+
+def _tensor_layout(path: Path, name: str, info) -> tuple[np.dtype, int, int, tuple[int, ...]]:
+    """(dtype, begin, end, shape) of one header entry, validated."""
+    if not isinstance(info, dict):
+        raise WeightFileError(f"{path}: malformed header entry for tensor {name!r}: {info!r}")
+    if info.get("dtype") not in _DTYPES:
+        raise WeightFileError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r} "
+                              f"(supported: {', '.join(_DTYPES)})")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise WeightFileError(f"{path}: tensor {name!r}: malformed shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise WeightFileError(f"{path}: tensor {name!r}: malformed data_offsets {offsets!r}")
+    return np.dtype(_DTYPES[info["dtype"]]), offsets[0], offsets[1], tuple(shape)
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of one ``.safetensors`` file as numpy arrays (copied out of the file)."""
     path = Path(path)
@@ -37,13 +62,19 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         if size < 8:
             raise WeightFileError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", f.read(8))
+        start = f.read(8)
+        (header_len,) = struct.unpack("<Q", start)
         if header_len > size - 8:
-            raise WeightFileError(f"{path}: truncated safetensors file (header of {header_len} bytes, file {size})")
+            hint = _not_safetensors_hint(start)
+            raise WeightFileError(f"{path}{hint}" if hint else
+                                  f"{path}: truncated safetensors file (header of {header_len} bytes, file {size})")
         try:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightFileError(f"{path}: malformed safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise WeightFileError(f"{path}: malformed safetensors header: a JSON {type(header).__name__}, "
+                                  f"not an object")
         header.pop("__metadata__", None)
         data_start = 8 + header_len
         out: dict[str, np.ndarray] = {}
@@ -51,12 +82,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return out
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             for name, info in header.items():
-                try:
-                    dtype = np.dtype(_DTYPES[info["dtype"]])
-                    begin, end = info["data_offsets"]
-                    shape = tuple(info["shape"])
-                except (KeyError, TypeError, ValueError):
-                    raise WeightFileError(f"{path}: malformed header entry for tensor {name!r}: {info}") from None
+                dtype, begin, end, shape = _tensor_layout(path, name, info)
                 if data_start + end > size:
                     raise WeightFileError(
                         f"{path}: truncated safetensors file: tensor {name!r} ends at byte {data_start + end}, "
@@ -76,16 +102,23 @@ def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
-    os.replace(tmp, path)
+    try:
+        safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half file behind
+        raise
 
 
 def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: no such file")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightFileError(f"{path}: not valid JSON: {e}") from None
 
 
 def read_model_folder(folder: str | os.PathLike, weights_name: str) -> dict[str, np.ndarray]:
@@ -100,8 +133,13 @@ def read_model_folder(folder: str | os.PathLike, weights_name: str) -> dict[str,
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise WeightFileError(f"{index}: no 'weight_map'")
+        shards = set(weight_map.values())
+        for shard in shards:
+            # Shards sit beside the index: a path could make us read any file on the machine.
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise WeightFileError(f"{index}: shard {shard!r} is not a file name in the folder")
         tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(shards):
             tensors.update(read_safetensors(folder / shard))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:

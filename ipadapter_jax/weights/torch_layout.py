@@ -90,14 +90,20 @@ def _to_torch_layout(leaf: str, array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _is_float(expected_leaf: Any) -> bool:
+    dtype = getattr(expected_leaf, "dtype", None)
+    return dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating)
+
+
 def torch_to_flax(
     state_dict: Mapping[str, np.ndarray], expected: Any, *, what: str = "model", dtype: Any = None
 ) -> dict:
     """Convert a PyTorch-named state dict to the Flax param tree whose shapes ``expected`` gives.
 
     ``expected`` is a nested dict of arrays or ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape`` of the
-    module's init). Raises ``WeightFileError`` listing every missing key, unexpected key and shape
-    mismatch, so a wrong checkpoint is reported in one go rather than one key at a time.
+    module's init). Raises ``WeightFileError`` listing every missing key, unexpected key, shape mismatch
+    and integer/bool tensor where the model has a float, so a wrong checkpoint is reported in one go
+    rather than one key at a time.
     """
     expected_flat = _flatten(expected)
     by_prefix: dict[tuple[str, ...], list[str]] = {}
@@ -105,7 +111,7 @@ def torch_to_flax(
         by_prefix.setdefault(path[:-1], []).append(path[-1])
 
     converted: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, wrong_dtype = [], [], []
     seen_mismatched: set[tuple[str, ...]] = set()
     for key, array in state_dict.items():
         path = flax_path_of(key)
@@ -124,12 +130,17 @@ def torch_to_flax(
             mismatched.append(f"{key}: file {tuple(np.asarray(array).shape)} vs model {want} (flax layout)")
             seen_mismatched.add(prefix + (leaf,))
             continue
+        if _is_float(expected_flat[prefix + (leaf,)]) and value.dtype.kind in "biuc":
+            # Casting ints or bools to float would load whatever they hold as weights.
+            wrong_dtype.append(f"{key}: file {value.dtype}, model needs floating point")
+            seen_mismatched.add(prefix + (leaf,))
+            continue
         converted[prefix + (leaf,)] = value.astype(dtype) if dtype is not None else value
     missing = [_torch_key(p) for p in expected_flat if p not in converted and p not in seen_mismatched]
-    if missing or unexpected or mismatched:
+    if missing or unexpected or mismatched or wrong_dtype:
         lines = [f"{what}: the checkpoint does not match the model configuration"]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
+                             ("shape mismatches", mismatched), ("dtype mismatches", wrong_dtype)):
             if items:
                 shown = ", ".join(sorted(items)[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
                 lines.append(f"  {title} ({len(items)}): {shown}")

@@ -1,0 +1,196 @@
+"""Images/s of our IP-Adapter train step against a PyTorch reference step doing the same work.
+
+Both sides: frozen VAE encode + CLIP text + CLIP image encoders, noise and timesteps, the UNet with decoupled
+image cross-attention (diffusers' ``IPAdapterAttnProcessor2_0`` + image projection on the PyTorch side, loaded
+with ``_load_ip_adapter_weights`` from the same adapter file), MSE loss, backward, global-norm clipping and
+AdamW over the adapter parameters only. Same model, batch, resolution and thread count.
+
+    python benchmarks/train_bench.py                     # the tiny world (written to a cache folder), CPU
+    python benchmarks/train_bench.py --model /models/stable-diffusion-v1-5 \\
+        --image-encoder /models/IP-Adapter/models/image_encoder --resolution 512 --batch 4 --dtype bfloat16
+
+This is a benchmark, not a test: it prints numbers and asserts nothing. On a CPU shared with other jobs use
+``--threads 1``: PyTorch's OpenMP pool slows down many times over when its threads are oversubscribed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="", help="diffusers SD folder; default: the tiny world")
+    p.add_argument("--image-encoder", default="", help="CLIPVisionModelWithProjection folder (default model/image_encoder)")
+    p.add_argument("--variant", default="plain", choices=["plain", "plus"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="frozen weights' dtype")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warmup)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    # Thread limits must be set before jax / torch start their pools.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ipadapter_jax.train import tiny_world
+
+    model = Path(args.model) if args.model else tiny_world.write_tiny_model(
+        Path(tempfile.gettempdir()) / "ipadapter_jax_bench" / "tiny_model")
+    image_encoder = Path(args.image_encoder) if args.image_encoder else model / "image_encoder"
+    adapter_file, batch, ours = time_ours(args, model, image_encoder)
+    theirs = time_torch(args, model, image_encoder, adapter_file, batch)
+    print(f"model {model}, {args.variant} adapter, batch {args.batch}, {args.resolution}px, {args.dtype}, "
+          f"{args.threads} threads")
+    print(f"ipadapter_jax  {ours:8.2f} images/s")
+    print(f"PyTorch        {theirs:8.2f} images/s")
+    print(f"ratio          {ours / theirs:8.2f}x")
+
+
+def _projection(args, modules):
+    from ipadapter_jax.models.image_projection import ProjectionConfig
+
+    cross = modules.unet_config.cross_attention_dim
+    if args.variant == "plain":
+        return ProjectionConfig("plain", modules.image_embed_dim, cross, 4)
+    return ProjectionConfig("plus", modules.image_hidden_dim, cross, 16, hidden_dim=cross,
+                            heads=max(1, cross // 64), dim_head=64, depth=4)
+
+
+def _batch(args, modules):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    side = modules.clip_image_size
+    batch = {"pixels": rng.uniform(-1, 1, (args.batch, args.resolution, args.resolution, 3)).astype(np.float32),
+             "clip_pixels": rng.standard_normal((args.batch, side, side, 3)).astype(np.float32),
+             "input_ids": rng.integers(0, 40, (args.batch, modules.text_length)).astype(np.int32),
+             "drop_image": np.zeros(args.batch, bool)}
+    if modules.is_sdxl:
+        batch["input_ids_2"] = batch["input_ids"]
+        batch["original_size"] = np.full((args.batch, 2), args.resolution, np.int32)
+        batch["crop_top_left"] = np.zeros((args.batch, 2), np.int32)
+    return batch
+
+
+def time_ours(args, model: Path, image_encoder: Path):
+    """``(adapter file, numpy batch, images/s)``: the adapter and batch are handed to the PyTorch side."""
+    import jax
+    import jax.numpy as jnp
+
+    from ipadapter_jax.models.adapter import IPAdapter
+    from ipadapter_jax.train.config import OptimizerConfig
+    from ipadapter_jax.train.frozen import load_frozen_models
+    from ipadapter_jax.train.state import cross_attention_kv, make_optimizer, state_initializer
+    from ipadapter_jax.train.step import StepSettings, make_train_step
+    from ipadapter_jax.weights.ip_adapter_file import save_ip_adapter
+
+    frozen_models = load_frozen_models(model, image_encoder, compute_dtype=args.dtype)
+    modules = frozen_models.modules
+    projection = _projection(args, modules)
+    tx, schedule = make_optimizer(OptimizerConfig(), 1000)
+    init = state_initializer(modules.unet_config, projection, tx)
+    state = jax.jit(init)(jax.random.key(0), cross_attention_kv(modules.unet_config, frozen_models.host_params["unet"]))
+    adapter_file = Path(tempfile.mkdtemp()) / "adapter.safetensors"
+    save_ip_adapter(IPAdapter(projection, jax.device_get(state.params)), adapter_file)
+    frozen = jax.tree.map(jnp.asarray, frozen_models.params_in(args.dtype))
+    step = jax.jit(make_train_step(modules, tx, schedule, StepSettings(projection, args.resolution)),
+                   donate_argnums=(0,))
+    batch_np = _batch(args, modules)
+    batch = jax.tree.map(jnp.asarray, batch_np)
+    rng = jax.random.key(1)
+    for _ in range(args.warmup):
+        state, metrics = step(state, frozen, batch, rng)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = step(state, frozen, batch, rng)
+    jax.block_until_ready(metrics)
+    return adapter_file, batch_np, args.steps * args.batch / (time.perf_counter() - start)
+
+
+def time_torch(args, model: Path, image_encoder: Path, adapter_file: Path, batch_np: dict) -> float:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    vae = AutoencoderKL.from_pretrained(model / "vae", torch_dtype=dtype).eval()
+    unet = UNet2DConditionModel.from_pretrained(model / "unet", torch_dtype=dtype).eval()
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder", torch_dtype=dtype).eval()
+    sdxl = (model / "text_encoder_2").is_dir()
+    text_encoder_2 = (CLIPTextModelWithProjection.from_pretrained(model / "text_encoder_2", torch_dtype=dtype).eval()
+                      if sdxl else None)
+    encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder, torch_dtype=dtype).eval()
+    scheduler = DDPMScheduler.from_pretrained(model / "scheduler")
+    flat = load_file(str(adapter_file))
+    unet._load_ip_adapter_weights([{p: {k[len(p) + 1:]: v for k, v in flat.items() if k.startswith(p + ".")}
+                                    for p in ("image_proj", "ip_adapter")}])
+    for module in (vae, unet, text_encoder, encoder) + ((text_encoder_2,) if sdxl else ()):
+        module.requires_grad_(False)
+    # The adapter's parameters. Ours train in float32 under bfloat16 compute; diffusers' processors need the
+    # UNet's dtype, so with --dtype bfloat16 the PyTorch side keeps them in bfloat16.
+    trainable = [unet.encoder_hid_proj] + [p for p in unet.attn_processors.values() if isinstance(p, torch.nn.Module)]
+    params = []
+    for module in trainable:
+        module.to(dtype).requires_grad_(True)
+        params += list(module.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+
+    batch = {k: torch.from_numpy(v) for k, v in batch_np.items()}
+    pixels = batch["pixels"].permute(0, 3, 1, 2).to(dtype)
+    clip_pixels = batch["clip_pixels"].permute(0, 3, 1, 2).to(dtype)
+    plus = args.variant == "plus"
+
+    def step():
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+            noisy = scheduler.add_noise(latents, noise, t)
+            target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+            added = {}
+            if sdxl:
+                out1 = text_encoder(batch["input_ids"].long(), output_hidden_states=True)
+                out2 = text_encoder_2(batch["input_ids_2"].long(), output_hidden_states=True)
+                text = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], -1)
+                time_ids = torch.cat([batch["original_size"], batch["crop_top_left"],
+                                      torch.full_like(batch["original_size"], args.resolution)], 1).to(dtype)
+                added = {"text_embeds": out2.text_embeds, "time_ids": time_ids}
+            else:
+                text = text_encoder(batch["input_ids"].long())[0]
+            out = encoder(clip_pixels, output_hidden_states=plus)
+            features = out.hidden_states[-2] if plus else out.image_embeds
+        added["image_embeds"] = [features.unsqueeze(1)]
+        pred = unet(noisy, t, text, added_cond_kwargs=added).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    return args.steps * args.batch / (time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from ipadapter_jax.evaluate.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""The sampler of a config as a program to compile for a TPU slice: ``pipeline.denoise.generate`` (project the
+image prompt, every sampler step with classifier-free guidance under ``fori_loop``, VAE decode) on abstract
+weights, with the config's validation settings (sampler, steps, guidance) at its training resolution.
+
+The text and image encoders run once per call outside ``generate`` and are not part of the plan. XLA's cost
+model counts a loop body once, so the plan also compiles one guided UNet step on its own and adds
+``steps - 1`` of it to the time and FLOPs of ``generate``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ipadapter_jax.diffusion.samplers import make_sampler
+from ipadapter_jax.models.adapter import adapter_variables
+from ipadapter_jax.models.vae import decode_latents
+from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.tools.plan_program import Program, unsharded, with_shardings
+
+
+def _decode(vae_module, vae_params, latents):
+    return decode_latents(vae_module, vae_params, latents)
+
+
+def _guided_unet_step(unet, unet_config, unet_params, adapter_layers, scales, latents, t, context, added, tokens,
+                      guidance_scale):
+    """One iteration of ``generate``'s loop body: the UNet on both halves and the guidance combination."""
+    variables = {"params": unet_params, **adapter_variables(unet_config, [adapter_layers], scales)}
+    x = jnp.concatenate([latents] * 2).astype(unet.dtype)
+    out = unet.apply(variables, x, jnp.broadcast_to(t, (x.shape[0],)), context.astype(unet.dtype), added,
+                     image_tokens=[tokens]).astype(jnp.float32)
+    uncond, cond = jnp.split(out, 2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Program:
+    """``batch`` images per call (global), guided (two UNet halves), one plain/Plus adapter from the config."""
+    from ipadapter_jax.models.adapter import new_ip_adapter
+    from ipadapter_jax.train.config import resolve_mesh_shape
+    from ipadapter_jax.train.setup import projection_config
+    from ipadapter_jax.train.sharding import batch_sharding, make_mesh, replicated, weight_shardings
+    from ipadapter_jax.tools.reference_models import abstract_frozen_models
+    from ipadapter_jax.tools.train_program import _ModulesHolder
+
+    data, fsdp = resolve_mesh_shape(config.mesh, len(devices))
+    if data * fsdp != len(devices) or batch % (data * fsdp):
+        raise ValueError(f"sample: {batch} images do not split over mesh data={data} x fsdp={fsdp} "
+                         f"({len(devices)} devices)")
+    mesh = make_mesh(data, fsdp, devices)
+    m, v = config.model, config.validation
+
+    def build(attention: str):
+        modules, frozen = abstract_frozen_models(configs, m.compute_dtype, attention, False)
+        projection = projection_config(config, _ModulesHolder(modules))
+        adapter = jax.eval_shape(
+            lambda: new_ip_adapter(modules.unet_config, _kv_zeros(modules.unet_config, frozen["unet"]), projection,
+                                   jax.random.key(0)).params)
+        return modules, frozen, projection, adapter
+
+    modules, frozen, projection, adapter = build(m.attention_implementation)
+    cfg = modules.unet_config
+    sampler = make_sampler(v.sampler, modules.scheduler_config, v.num_inference_steps)
+    side = config.data.resolution // modules.latent_downsample
+    dtype = jnp.dtype(m.compute_dtype)
+    f32 = jnp.float32
+    num_layers = len(cfg.cross_attention_layers())
+    feature_shape = ((2, modules.image_tokens, modules.image_hidden_dim) if projection.uses_hidden_states
+                     else (2, modules.image_embed_dim))
+    text = {"noise": ((batch, side, side, cfg.in_channels), f32),
+            "context": ((2 * batch, modules.text_length, cfg.cross_attention_dim), dtype)}
+    added = None
+    if modules.is_sdxl:
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": jax.ShapeDtypeStruct((2 * batch, pooled), dtype),
+                 "time_ids": jax.ShapeDtypeStruct((2 * batch, 6), f32)}
+    rep = replicated(mesh)
+    weights = {"unet": frozen["unet"], "vae": frozen["vae"], "adapter": adapter}
+    weights_sh = weight_shardings(weights, mesh, config.mesh)
+    weights = with_shardings(weights, weights_sh)
+    by_batch = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, config.mesh, x.ndim))  # noqa: E731
+    noise = by_batch(jax.ShapeDtypeStruct(*text["noise"]))
+    context = by_batch(jax.ShapeDtypeStruct(*text["context"]))
+    added_sh = None if added is None else jax.tree.map(by_batch, added)
+    abstract_sampler = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=rep),
+                                    sampler)
+    scales = jax.ShapeDtypeStruct((1, num_layers), f32, sharding=rep)
+    features = jax.ShapeDtypeStruct(feature_shape, f32, sharding=rep)
+    guidance = jax.ShapeDtypeStruct((), f32, sharding=rep)
+    decode = functools.partial(_decode, modules.vae)
+
+    def run_generate(unet, weights, sampler, noise, context, added, features, scales, guidance):
+        return generate(unet, cfg, (projection,), True, decode, weights["unet"], weights["vae"], [weights["adapter"]],
+                        scales, sampler, noise, context, added, [features], guidance)
+
+    jitted = jax.jit(functools.partial(run_generate, modules.unet))
+    args = (weights, abstract_sampler, noise, context, added_sh, features, scales, guidance)
+
+    model_modules, _, _, _ = build("xla")
+    model_fn = functools.partial(run_generate, model_modules.unet)
+    model_args = unsharded(args)
+
+    # One more loop iteration, on its own, for what the cost model counts only once.
+    tokens = jax.ShapeDtypeStruct((2 * batch, projection.num_tokens, cfg.cross_attention_dim), dtype)
+    step_args = (weights["unet"], weights["adapter"]["layers"], scales, noise, jax.ShapeDtypeStruct((), f32, sharding=rep),
+                 context, added_sh, by_batch(tokens), guidance)
+    step = jax.jit(functools.partial(_guided_unet_step, modules.unet, cfg))
+    model_step = functools.partial(_guided_unet_step, model_modules.unet, cfg)
+
+    def extra_model_flops():
+        from ipadapter_jax.tools.plan_figures import model_flops
+
+        return (v.num_inference_steps - 1) * (model_flops(model_step, unsharded(step_args)) or 0.0)
+
+    description = [
+        f"sample: generate() with {v.sampler} x {v.num_inference_steps} steps, guidance (2 UNet halves), "
+        f"{batch} images of {config.data.resolution}px per call, one {projection.variant} adapter, "
+        f"compute {m.compute_dtype}, attention {m.attention_implementation}",
+        f"mesh data={data} x fsdp={fsdp}; loop body compiled once more on its own to count "
+        f"{v.num_inference_steps - 1} further steps",
+    ]
+    return Program(name="sample", jitted=jitted, args=args, model_fn=model_fn, model_args=model_args,
+                   images_per_step=batch, mesh_shape={"data": data, "fsdp": fsdp}, description=description,
+                   tracing=lambda: jax.set_mesh(mesh), extra_model_flops=extra_model_flops, repeat_jitted=step,
+                   repeat_args=step_args, repeat_count=v.num_inference_steps - 1)
+
+
+def _kv_zeros(unet_config, unet_params):
+    """Zero float32 to_k/to_v kernels in the tree layout ``new_ip_adapter`` reads (shapes only matter)."""
+    from ipadapter_jax.tools.reference_models import abstract_cross_attention_kv
+
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_cross_attention_kv(unet_config, unet_params))

@@ -1,0 +1,213 @@
+"""Checkpoints (orbax ``CheckpointManager``, named items, async, keep the last K) and adapter export.
+
+Items of ``WORKDIR/checkpoints/<step>/``:
+  adapter    the adapter params (float32, sharded arrays)
+  opt_state  the optimizer state
+  step       ``{"step": N}``
+  data       ``{"process_count": P, "states": [state of process 0, ...]}``: each process's data-iterator
+             position (JSON), so every host resumes its own shards exactly
+  rng        the base PRNG key's data (uint32)
+  config     the training config as JSON
+Only what trains is saved; the frozen models are re-read from ``model_dir``. A checkpoint restores on any
+mesh: the abstract state passed to ``restore`` carries the new shardings and orbax re-lays the arrays out.
+
+The adapter is also exported in the published (h94) layout at every save: ``WORKDIR/ip_adapter.safetensors``
+(the latest, replaced atomically) and ``WORKDIR/adapters/ip_adapter_<step>.safetensors`` (the last K).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from ipadapter_jax.models.adapter import IPAdapter
+from ipadapter_jax.models.image_projection import ProjectionConfig
+from ipadapter_jax.train.config import CheckpointConfig
+from ipadapter_jax.train.state import TrainState
+from ipadapter_jax.weights.ip_adapter_file import save_ip_adapter
+
+logger = logging.getLogger(__name__)
+
+ITEMS = ("adapter", "opt_state", "step", "data", "rng", "config")
+EXPORT_NAME = "ip_adapter.safetensors"
+
+
+def gather_json(value: Any) -> list:
+    """Every process's JSON-serialisable ``value``, in process order (one collective; single-process: [value])."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([data.size], np.int32)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n]).decode("utf-8")) for row, n in zip(gathered, lengths)]
+
+
+def host_copy(tree: Any) -> Any:
+    """Numpy copy of a tree of (possibly multi-host sharded) arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint (or the adapter export) could not be written: the message names the step, the folder,
+    the cause and the last complete checkpoint, which a rerun resumes from."""
+
+
+class Checkpointer:
+    """Saves and restores the training state of one workdir (see module docstring).
+
+    A failed save (full disk, unwritable folder, ...) raises `CheckpointSaveError`: at ``save`` when it fails
+    at once, else, for the background part of an async save, at the next ``check_for_errors`` (the loop calls
+    it every step), ``save``, ``wait_until_finished`` or ``close``.
+    """
+
+    def __init__(self, workdir: str | Path, config: CheckpointConfig):
+        self.workdir = Path(workdir)
+        self.directory = self.workdir / "checkpoints"
+        self.config = config
+        self._saving: int | None = None  # the step of the last save started (its background part may still run)
+        # The step folder is created in save() itself: created in the background, a failure (unwritable or full
+        # disk) left orbax's writer threads waiting for it until their 5-minute timeout, so the process hung
+        # that long before exiting with the error.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep, create=True, enable_async_checkpointing=config.async_save,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose checkpoint is complete on storage (read from storage, not the manager's cache)."""
+        try:
+            return sorted(ocp.path.step.checkpoint_steps(self.directory))
+        except Exception:  # e.g. the folder itself is unreadable: nothing can be promised
+            return []
+
+    def failure(self, what: str, step: int | None, exc: BaseException, where: Path | None = None
+                ) -> CheckpointSaveError:
+        """The error to raise when writing ``what`` (into ``where``, default the checkpoint folder) at ``step``
+        failed with ``exc``."""
+        committed = self.committed_steps()
+        last = f"step {committed[-1]}" if committed else "none"
+        at = f" at step {step}" if step is not None else ""
+        return CheckpointSaveError(
+            f"could not save {what}{at} in {where or self.directory}: {type(exc).__name__}: {exc}. The last complete "
+            f"checkpoint is {last}; the run stops here (free disk space or fix permissions, then rerun to "
+            f"resume from it)")
+
+    def _guard(self, call, what: str = "the checkpoint"):
+        try:
+            return call()
+        except CheckpointSaveError:
+            raise
+        except Exception as exc:
+            raise self.failure(what, self._saving, exc) from exc
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, state: TrainState, rng: jax.Array, data_state: dict, config_dict: dict) -> int:
+        """Starts an (async) save of ``state`` at its own step; every process must call this. Returns the step."""
+        step = int(jax.device_get(state.step))
+        data_states = gather_json(data_state)
+        args = ocp.args.Composite(
+            adapter=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            step=ocp.args.JsonSave({"step": step}),
+            data=ocp.args.JsonSave({"process_count": len(data_states), "states": data_states}),
+            rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
+            config=ocp.args.JsonSave(config_dict),
+        )
+        self._guard(self.manager.wait_until_finished)  # a failure of the previous save is reported as its own
+        self._saving = step
+        self._guard(lambda: self.manager.save(step, args=args, force=True))
+        return step
+
+    def check_for_errors(self) -> None:
+        """Raise `CheckpointSaveError` if the background part of the last save failed (cheap; call often)."""
+        self._guard(self.manager.check_for_errors)
+
+    def restore(self, abstract_state: TrainState, abstract_rng_data: jax.ShapeDtypeStruct,
+                step: int | None = None) -> tuple[TrainState, jax.Array, dict, dict]:
+        """``(state, rng_data, data, config_dict)`` of ``step`` (default: the latest), laid out as
+        ``abstract_state`` (ShapeDtypeStructs with shardings) says. ``rng_data`` is the base PRNG key's raw
+        data (``sharding.replicated_key`` makes it a key); ``data`` is the saved ``data`` item."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.workdir / 'checkpoints'}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            adapter=ocp.args.StandardRestore(abstract_state.params),
+            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+            step=ocp.args.JsonRestore(),
+            data=ocp.args.JsonRestore(),
+            rng=ocp.args.StandardRestore({"key_data": abstract_rng_data}),
+            config=ocp.args.JsonRestore(),
+        ))
+        saved_step = int(restored["step"]["step"])
+        step_array = jax.device_put(np.asarray(saved_step, np.int32), abstract_state.step.sharding)
+        state = TrainState(step=step_array, params=restored["adapter"], opt_state=restored["opt_state"])
+        return state, restored["rng"]["key_data"], restored["data"], restored["config"]
+
+    def read_json(self, step: int, item: str) -> dict:
+        """One JSON item (``step``, ``data`` or ``config``) of a checkpoint, without restoring arrays."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+    def wait_until_finished(self) -> None:
+        self._guard(self.manager.wait_until_finished)
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Finish pending saves and release the manager. ``raise_errors=False`` (closing because of another
+        error) logs a failed save instead of raising it over that error."""
+        try:
+            self._guard(self.manager.wait_until_finished)
+            self.manager.close()
+        except Exception as exc:
+            if raise_errors:
+                raise
+            logger.error("%s", exc)
+
+
+def data_state_for_process(saved: dict, process_index: int, process_count: int) -> dict:
+    """This process's data-iterator state from a checkpoint's ``data`` item; the process layout must match
+    (each host owns its shards, so positions cannot be re-split over a different number of hosts)."""
+    if saved.get("process_count") != process_count:
+        raise ValueError(f"the checkpoint was written by {saved.get('process_count')} processes, this run has "
+                         f"{process_count}: the data position cannot be carried over; restart the data or use "
+                         f"the same number of hosts")
+    return saved["states"][process_index]
+
+
+def export_adapter(params: Any, projection: ProjectionConfig, workdir: str | Path, step: int, keep: int,
+                   dtype: str = "float32") -> Path | None:
+    """Write the adapter in the published layout (see module docstring); process 0 writes, every process
+    must call this (the params may be sharded across hosts). Returns the latest file's path on process 0."""
+    host = host_copy(params)
+    if jax.process_index() != 0:
+        return None
+    workdir = Path(workdir)
+    adapter = IPAdapter(projection, host)
+    per_step = workdir / "adapters" / f"ip_adapter_{step:08d}.safetensors"
+    save_ip_adapter(adapter, per_step, dtype=np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16)
+    latest = workdir / EXPORT_NAME
+    latest_tmp = workdir / (EXPORT_NAME + ".tmp.safetensors")
+    try:
+        latest_tmp.write_bytes(per_step.read_bytes())
+        latest_tmp.replace(latest)  # atomic: a reader never sees a half-written latest file
+    except BaseException:
+        latest_tmp.unlink(missing_ok=True)  # a half-written copy must not linger under a .safetensors name
+        raise
+    exports = sorted((workdir / "adapters").glob("ip_adapter_*.safetensors"))
+    for old in exports[:-keep]:
+        old.unlink(missing_ok=True)
+    return latest

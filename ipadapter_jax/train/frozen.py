@@ -1,0 +1,226 @@
+"""The frozen models of IP-Adapter training (UNet, VAE, text encoder(s), CLIP image encoder) and the pure
+functions that encode a batch with them inside the train step.
+
+A base model folder has diffusers' layout: ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` (and
+``text_encoder_2/ tokenizer_2/`` for SDXL, recognised by the UNet's ``addition_embed_type="text_time"``).
+The image encoder (a transformers ``CLIPVisionModelWithProjection`` folder such as h94/IP-Adapter's
+``models/image_encoder``) is ``model_dir/image_encoder`` unless given separately; its
+``preprocessor_config.json`` (or the base model's ``feature_extractor/``) configures CLIP preprocessing.
+
+Weights are read on the host in float32 (the adapter's paper initialisation copies the UNet's to_k/to_v
+from these); ``FrozenModels.params_in(dtype)`` gives the tree to place on the devices in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig
+from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule
+from ipadapter_jax.models.unet import UNet2DConditionModel
+from ipadapter_jax.models.unet_config import UNetConfig
+from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig, encode_to_latents
+from ipadapter_jax.weights.load_clip import build_clip_text_encoder, build_clip_vision_encoder
+from ipadapter_jax.weights.load_clip import load_clip_text_encoder, load_clip_vision_encoder
+from ipadapter_jax.weights.load_unet import WEIGHTS_NAME, unet_param_shapes
+from ipadapter_jax.weights.load_vae import rename_legacy_attention_keys, vae_param_shapes
+from ipadapter_jax.weights.safetensors_io import WeightFileError, read_json, read_model_folder
+from ipadapter_jax.weights.torch_layout import torch_to_flax
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenModules:
+    """The static half of the frozen models: modules and configs, closed over by the jitted step.
+
+    ``text_encoder_2`` is None for SD1.5-style models. Module compute dtypes are set here; the params (the
+    other half, a pytree passed to the step) are cast to the same dtype.
+    """
+
+    unet: UNet2DConditionModel
+    unet_config: UNetConfig
+    unet_raw_config: dict
+    vae: AutoencoderKL
+    vae_config: VAEConfig
+    text_encoder: Any
+    text_encoder_2: Any
+    image_encoder: Any
+    image_encoder_config: Any
+    schedule: NoiseSchedule
+    scheduler_config: dict
+    clip_image_config: ClipImageProcessingConfig
+    tokenizer_dir: str
+    tokenizer_2_dir: str | None
+    text_length: int
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet_config.addition_embed_type == "text_time"
+
+    @property
+    def image_embed_dim(self) -> int:
+        """Width of the plain adapter's input (``image_embeds``)."""
+        return self.image_encoder_config.projection_dim
+
+    @property
+    def image_hidden_dim(self) -> int:
+        """Width of the Plus adapter's input (penultimate hidden states)."""
+        return self.image_encoder_config.hidden_size
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_encoder_config.num_positions
+
+    @property
+    def clip_image_size(self) -> int:
+        return self.image_encoder_config.image_size
+
+    @property
+    def latent_downsample(self) -> int:
+        return self.vae_config.downsample_factor
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrozenModels:
+    modules: FrozenModules
+    host_params: dict  # {"unet", "vae", "text_encoder", ["text_encoder_2"], "image_encoder"}: float32 numpy
+
+    def params_in(self, dtype: Any) -> dict:
+        """The host param tree cast to ``dtype`` (numpy; bfloat16 through ml_dtypes)."""
+        dtype = jnp.dtype(dtype)
+        return jax.tree.map(lambda x: np.asarray(x).astype(dtype), self.host_params)
+
+
+@contextlib.contextmanager
+def _on_host():
+    # Loaders return jax arrays; building them on the host CPU backend keeps a full-size model off the
+    # first accelerator (it is sharded onto the mesh afterwards). Without a CPU backend, load as is.
+    try:
+        cpu = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        yield
+        return
+    with jax.default_device(cpu):
+        yield
+
+
+def _to_numpy(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | None = None, *,
+                       compute_dtype: Any = jnp.bfloat16, attention_implementation: str = "xla",
+                       remat: bool = False) -> FrozenModels:
+    """Read every frozen model of ``model_dir`` (see module docstring) into float32 host arrays."""
+    model_dir = Path(model_dir)
+    image_encoder_dir = Path(image_encoder_dir) if image_encoder_dir else model_dir / "image_encoder"
+    if not model_dir.is_dir():
+        raise WeightFileError(f"model_dir {model_dir}: no such folder")
+    dtype = jnp.dtype(compute_dtype)
+    with _on_host():
+        unet_raw = read_json(model_dir / "unet" / "config.json")
+        unet_config = UNetConfig.from_diffusers(unet_raw)
+        unet_params = torch_to_flax(read_model_folder(model_dir / "unet", WEIGHTS_NAME),
+                                    unet_param_shapes(unet_config), what=f"UNet at {model_dir / 'unet'}",
+                                    dtype=np.float32)
+        vae_config = VAEConfig.from_diffusers(read_json(model_dir / "vae" / "config.json"))
+        vae_params = torch_to_flax(rename_legacy_attention_keys(read_model_folder(model_dir / "vae", WEIGHTS_NAME)),
+                                   vae_param_shapes(vae_config), what=f"VAE at {model_dir / 'vae'}",
+                                   dtype=np.float32)
+        _, text_params, text_config = load_clip_text_encoder(model_dir / "text_encoder", "float32")
+        params = {"unet": unet_params, "vae": vae_params, "text_encoder": _to_numpy(text_params)}
+        text_2 = None
+        if unet_config.addition_embed_type == "text_time":
+            _, text_2_params, text_2_config = load_clip_text_encoder(model_dir / "text_encoder_2", "float32")
+            params["text_encoder_2"] = _to_numpy(text_2_params)
+            text_2 = build_clip_text_encoder(text_2_config, with_projection=True, dtype=dtype)[0]
+        _, image_params, image_config = load_clip_vision_encoder(image_encoder_dir, "float32")
+        params["image_encoder"] = _to_numpy(image_params)
+    with_projection = "visual_projection" in params["image_encoder"]
+    if not with_projection:
+        raise WeightFileError(f"{image_encoder_dir}: the image encoder has no visual_projection; IP-Adapter "
+                              f"needs a CLIPVisionModelWithProjection")
+    scheduler_config = read_json(model_dir / "scheduler" / "scheduler_config.json")
+    clip_image_config = clip_preprocessing(model_dir, image_encoder_dir, image_config.image_size)
+    if (clip_image_config.crop_height, clip_image_config.crop_width) != (image_config.image_size,) * 2:
+        raise WeightFileError(f"{image_encoder_dir}: CLIP preprocessing crops to {clip_image_config.crop_height}x"
+                              f"{clip_image_config.crop_width} but the encoder takes {image_config.image_size}px")
+    tokenizer_2 = model_dir / "tokenizer_2"
+    modules = FrozenModules(
+        unet=UNet2DConditionModel(unet_config, dtype=dtype, attention_implementation=attention_implementation,
+                                  remat=remat),
+        unet_config=unet_config, unet_raw_config=unet_raw,
+        vae=AutoencoderKL(vae_config, attention_implementation=attention_implementation, dtype=dtype),
+        vae_config=vae_config,
+        text_encoder=build_clip_text_encoder(text_config, with_projection="text_projection" in params["text_encoder"],
+                                             dtype=dtype)[0],
+        text_encoder_2=text_2,
+        image_encoder=build_clip_vision_encoder(image_config, with_projection=True, dtype=dtype)[0],
+        image_encoder_config=image_config,
+        schedule=NoiseSchedule.from_config(scheduler_config), scheduler_config=scheduler_config,
+        clip_image_config=clip_image_config, tokenizer_dir=str(model_dir / "tokenizer"),
+        tokenizer_2_dir=str(tokenizer_2) if text_2 is not None else None,
+        text_length=text_config.max_position_embeddings,
+    )
+    return FrozenModels(modules, params)
+
+
+def clip_preprocessing(model_dir: Path, image_encoder_dir: Path, image_size: int) -> ClipImageProcessingConfig:
+    """The image prompt's CLIP preprocessing, chosen as the pipeline chooses it (so training sees what
+    inference will): the base model's ``feature_extractor/``, else the encoder folder's
+    ``preprocessor_config.json``, else ``CLIPImageProcessor``'s defaults at the encoder's size."""
+    for folder in (model_dir / "feature_extractor", image_encoder_dir):
+        if (folder / "preprocessor_config.json").is_file():
+            return ClipImageProcessingConfig.from_json(folder / "preprocessor_config.json")
+    return ClipImageProcessingConfig(shortest_edge=image_size, crop_height=image_size, crop_width=image_size)
+
+
+class TextConditioning(NamedTuple):
+    context: jax.Array  # [B, T, cross_attention_dim]
+    pooled: jax.Array | None  # [B, P] (SDXL's text_embeds) or None
+
+
+def encode_text(modules: FrozenModules, params: dict, input_ids: jax.Array,
+                input_ids_2: jax.Array | None = None) -> TextConditioning:
+    """Token ids -> the UNet's text conditioning, as the SD1.5 / SDXL pipelines compute it: SD1.5 uses the
+    final hidden state; SDXL concatenates both encoders' penultimate states and pools the second."""
+    if not modules.is_sdxl:
+        out = modules.text_encoder.apply({"params": params["text_encoder"]}, input_ids, output_hidden_states=False)
+        return TextConditioning(out.last_hidden_state, None)
+    out_1 = modules.text_encoder.apply({"params": params["text_encoder"]}, input_ids)
+    out_2 = modules.text_encoder_2.apply({"params": params["text_encoder_2"]}, input_ids_2)
+    context = jnp.concatenate([out_1.hidden_states[-2], out_2.hidden_states[-2]], axis=-1)
+    return TextConditioning(context, out_2.text_embeds)
+
+
+def encode_image_prompt(modules: FrozenModules, params: dict, clip_pixels: jax.Array, drop_image: jax.Array,
+                        uses_hidden_states: bool) -> jax.Array:
+    """CLIP pixels ``[B, S, S, 3]`` -> the adapter's input features, with dropped images as the paper and
+    the reference scripts do: a zero ``image_embeds [B, E]`` (plain), or the penultimate hidden states
+    ``[B, N, H]`` of an all-zero image (Plus)."""
+    drop = drop_image.reshape(-1, *([1] * (clip_pixels.ndim - 1)))
+    if uses_hidden_states:
+        pixels = jnp.where(drop, 0.0, clip_pixels)
+        out = modules.image_encoder.apply({"params": params["image_encoder"]}, pixels)
+        return out.hidden_states[-2].astype(jnp.float32)
+    out = modules.image_encoder.apply({"params": params["image_encoder"]}, clip_pixels, output_hidden_states=False)
+    embeds = out.image_embeds.astype(jnp.float32)
+    return jnp.where(drop_image[:, None], 0.0, embeds)
+
+
+def encode_latents(modules: FrozenModules, params: dict, pixels: jax.Array, rng: jax.Array | None) -> jax.Array:
+    """VAE input ``[B, R, R, 3]`` in [-1, 1] -> scaled latents ``[B, R/f, R/f, C]`` float32; a posterior
+    sample when ``rng`` is given (the reference training script's ``latent_dist.sample()``), else the mean."""
+    return encode_to_latents(modules.vae, params["vae"], pixels, rng, modules.vae_config)
+
+
+def sdxl_time_ids(original_size: jax.Array, crop_top_left: jax.Array, resolution: int) -> jax.Array:
+    """``[B, 6]`` float32: original (h, w), crop (top, left), target (h, w) as SDXL's ``add_time_ids``."""
+    target = jnp.full_like(original_size, resolution)
+    return jnp.concatenate([original_size, crop_top_left, target], axis=-1).astype(jnp.float32)

@@ -1,0 +1,192 @@
+"""Everything the loop needs, built in the order that surfaces errors earliest: config against the devices,
+mesh, frozen models (placed sharded), state shapes and shardings, and the train step compiled ahead of time
+on ``ShapeDtypeStruct`` inputs, before any checkpoint is restored or any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+
+from ipadapter_jax.data.shards import shards_for_process
+from ipadapter_jax.models.image_projection import ProjectionConfig
+from ipadapter_jax.train import tiny_world
+from ipadapter_jax.train.config import TrainConfig, check_against_devices
+from ipadapter_jax.train.frozen import FrozenModels, load_frozen_models
+from ipadapter_jax.train.sharding import (batch_sharding, logical_spec, make_mesh, put_host_tree, replicated,
+                                          weight_shardings)
+from ipadapter_jax.train.state import (TrainState, cross_attention_kv, make_optimizer, state_initializer,
+                                       state_shardings)
+from ipadapter_jax.train.step import StepSettings, abstract_batch, batch_keys, make_train_step
+from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class TrainingSetup:
+    config: TrainConfig
+    workdir: Path
+    mesh: Mesh
+    model_dir: Path
+    shards: str
+    frozen_models: FrozenModels
+    frozen: dict  # frozen params on the mesh, compute dtype
+    projection: ProjectionConfig
+    settings: StepSettings
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    init_state: Any  # jitted (rng, kv) -> TrainState with out_shardings
+    kv: dict  # cross-attention to_k/to_v kernels (host) for the paper init
+    abstract_state: TrainState  # ShapeDtypeStructs carrying shardings
+    abstract_rng_data: jax.ShapeDtypeStruct
+    batch_shardings: dict
+    compiled_step: Any
+
+    @property
+    def modules(self):
+        return self.frozen_models.modules
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+
+def tiny_world_paths(config: TrainConfig, workdir: Path) -> tuple[Path, str]:
+    """Model folder and shard spec, writing the tiny random world into ``WORKDIR/tiny_world`` when the config
+    names no model or no data. Process 0 writes; the others wait for it."""
+    model_dir = Path(config.model.model_dir) if config.model.model_dir else workdir / "tiny_world" / "model"
+    shards_dir = workdir / "tiny_world" / "shards"
+    if jax.process_index() == 0:
+        if not config.model.model_dir:
+            tiny_world.write_tiny_model(model_dir, seed=config.seed)
+        if not config.data.shards:
+            tiny_world.write_shape_shards(shards_dir, seed=config.seed)
+    if not (config.model.model_dir and config.data.shards):
+        wait_for_all_processes("tiny_world_written")
+    # On every process: the shard spec (the shards themselves were written above and are reused).
+    shards = config.data.shards or tiny_world.write_shape_shards(shards_dir, seed=config.seed)
+    return model_dir, shards
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 3600) -> None:
+    """A barrier on the coordination service, with a timeout long enough for a slow host (no-op for one)."""
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
+
+
+def projection_config(config: TrainConfig, frozen_models: FrozenModels) -> ProjectionConfig:
+    modules, a = frozen_models.modules, config.adapter
+    cross = modules.unet_config.cross_attention_dim
+    if a.variant == "plain":
+        return ProjectionConfig("plain", embed_dim=modules.image_embed_dim, cross_attention_dim=cross,
+                                num_tokens=a.num_tokens)
+    if a.dim_head != 64 or a.depth != 4:
+        logger.warning("adapter.dim_head=%d, depth=%d: diffusers' loader assumes Plus adapters have 64-wide heads "
+                       "and depth 4, so the exported file will load only in ipadapter_jax", a.dim_head, a.depth)
+    return ProjectionConfig("plus", embed_dim=modules.image_hidden_dim, cross_attention_dim=cross,
+                            num_tokens=a.num_tokens, hidden_dim=a.hidden_dim, depth=a.depth, heads=a.heads,
+                            dim_head=a.dim_head, ff_mult=a.ff_mult)
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
+    workdir = Path(workdir)
+    data, fsdp = check_against_devices(config, jax.device_count(), jax.process_count())
+    mesh = make_mesh(data, fsdp)
+    logger.info("mesh: data=%d x fsdp=%d over %d devices in %d processes", data, fsdp, jax.device_count(),
+                jax.process_count())
+    model_dir, shards = tiny_world_paths(config, workdir)
+    # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
+    # processes) must fail now, not after minutes of loading and compiling.
+    shards_for_process(shards)
+
+    frozen_models = load_frozen_models(model_dir, config.model.image_encoder_dir or None,
+                                       compute_dtype=config.model.compute_dtype,
+                                       attention_implementation=config.model.attention_implementation,
+                                       remat=config.model.remat)
+    modules = frozen_models.modules
+    if config.data.resolution % modules.latent_downsample:
+        raise ValueError(f"data.resolution={config.data.resolution} is not a multiple of the VAE's downsampling "
+                         f"factor {modules.latent_downsample}")
+    host_frozen = frozen_models.params_in(config.model.compute_dtype)
+    frozen_shardings = weight_shardings(host_frozen, mesh, config.mesh)
+    frozen = put_host_tree(host_frozen, frozen_shardings)
+    _log_layout("frozen weights", host_frozen, frozen_shardings)
+    abstract_frozen = _with_shardings(jax.eval_shape(lambda: host_frozen), frozen_shardings)
+    del host_frozen
+
+    projection = projection_config(config, frozen_models)
+    tx, lr_schedule = make_optimizer(config.optimizer, config.num_steps)
+    init_adapter = load_ip_adapter(config.adapter.init_from) if config.adapter.init_from else None
+    init = state_initializer(modules.unet_config, projection, tx, init_adapter)
+    kv = cross_attention_kv(modules.unet_config, frozen_models.host_params["unet"])
+    abstract_state = jax.eval_shape(init, jax.random.key(0), kv)
+    rep = replicated(mesh)
+    state_sh = state_shardings(abstract_state, lambda tree: weight_shardings(tree, mesh, config.mesh), rep)
+    abstract_state = _with_shardings(abstract_state, state_sh)
+    init_state = jax.jit(init, out_shardings=state_sh)
+
+    settings = StepSettings(projection, config.data.resolution, config.optimizer.grad_accum_steps,
+                            config.loss.noise_offset, config.loss.min_snr_gamma, config.model.sample_posterior)
+    step_fn = make_train_step(modules, tx, lr_schedule, settings,
+                              micro_batch_sharding=lambda ndim: batch_sharding(mesh, config.mesh, ndim))
+    batch = abstract_batch(modules, config.batch_size, config.data.resolution)
+    batch_sh = {k: batch_sharding(mesh, config.mesh, v.ndim) for k, v in batch.items()}
+    abstract_rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_shardings, batch_sh, rep),
+                     out_shardings=(state_sh, rep), donate_argnums=(0,))
+    compiled = jitted.lower(abstract_state, abstract_frozen, _with_shardings(batch, batch_sh),
+                            abstract_rng).compile()
+    _log_memory(compiled)
+    # Processes finish loading and compiling at different times (a compilation-cache hit on one, a miss on
+    # another); the first collective after this would time out (gloo waits 30 s) if one were minutes late.
+    wait_for_all_processes("setup_done")
+    rng_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return TrainingSetup(
+        config=config, workdir=workdir, mesh=mesh, model_dir=model_dir, shards=shards,
+        frozen_models=frozen_models, frozen=frozen, projection=projection, settings=settings, tx=tx,
+        lr_schedule=lr_schedule, init_state=init_state, kv=kv, abstract_state=abstract_state,
+        abstract_rng_data=jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=rep),
+        batch_shardings=batch_sh, compiled_step=compiled,
+    )
+
+
+def batch_partition_spec(setup: TrainingSetup):
+    return logical_spec(("batch",), setup.config.mesh)
+
+
+def step_batch_keys(setup: TrainingSetup) -> tuple[str, ...]:
+    return batch_keys(setup.modules)
+
+
+def _log_layout(what: str, tree: Any, shardings: Any) -> None:
+    sizes = [(x.size * x.dtype.itemsize, s.spec != jax.sharding.PartitionSpec())
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))]
+    total = sum(n for n, _ in sizes)
+    split = sum(n for n, sharded in sizes if sharded)
+    logger.info("%s: %.1f MiB, %.0f%% of it split over fsdp", what, total / 2**20, 100 * split / max(total, 1))
+
+
+def _log_memory(compiled) -> None:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend reports it
+        return
+    if stats is None:
+        return
+    gib = 1 / 2**30
+    logger.info("train step memory per device: arguments %.2f GiB, outputs %.2f GiB, temporaries %.2f GiB",
+                stats.argument_size_in_bytes * gib, stats.output_size_in_bytes * gib, stats.temp_size_in_bytes * gib)
+
