@@ -13,6 +13,14 @@ from ipadapter_jax.models.decoupled_cross_attention import DecoupledCrossAttenti
 from ipadapter_jax.models.group_norm import GroupNorm
 
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU, ``x * (1 + erf(x / sqrt(2))) / 2``, the formula torch uses. ``nn.gelu(approximate=False)``
+    computes the same through ``erfc``, which XLA:CPU expands into code 2.4x slower than ``erf``'s (it was 10%
+    of a UNet forward); the two agree to 1e-6, and differ only in relative precision far in the negative
+    tail, where both are ~0."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
+
+
 class GEGLU(nn.Module):
     """``proj`` to twice the width, then ``value * gelu(gate)`` (exact GELU, as diffusers)."""
 
@@ -22,7 +30,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-        return value * nn.gelu(gate, approximate=False)
+        return value * gelu_erf(gate)
 
 
 class GEGLUFeedForward(nn.Module):
