@@ -5,7 +5,13 @@ IP-Adapter from disk, then generate the same batch: 50 DDIM steps with classifie
 prompt. Prints images/s for each and their ratio. Compilation (ours) and first-call warm-up (both) are
 excluded and reported separately.
 
-    python benchmarks/sample_bench.py [--batch 2] [--size 128] [--steps 50] [--repeats 2]
+    python benchmarks/sample_bench.py [--batch 2] [--size 128] [--steps 50] [--repeats 2] [--threads N]
+
+``--threads N`` restricts the process to its first N CPUs: XLA sizes its thread pool from the affinity mask
+and torch gets ``set_num_threads(N)``, so both use the same threads. On a machine shared with other jobs,
+``--threads 1`` gives the steadier comparison (torch's OpenMP threads slow down many times over when
+oversubscribed); the process CPU time per run is printed too, and on one thread it does not count time spent
+descheduled.
 """
 
 from __future__ import annotations
@@ -31,9 +37,14 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPUs for both frameworks (default: all this process may use)")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS after our CPU defaults (later wins)")
     p.add_argument("--no-default-flags", action="store_true", help="leave out ipadapter_jax.cpu_flags defaults")
     args = p.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))[:args.threads]
+    os.sched_setaffinity(0, cpus)  # before either framework starts its thread pool
+    threads = len(cpus)
     xla_flags = apply_cpu_flags(args.xla_flags, defaults=not args.no_default_flags)
 
     import torch
@@ -42,7 +53,6 @@ def main() -> None:
     from ipadapter_jax import IPAdapterPipeline
     from ipadapter_jax.testing.reference_pipelines import build_pipeline_dir, reference_image, write_adapter
 
-    threads = os.cpu_count()
     torch.set_num_threads(threads)
     root = Path(tempfile.mkdtemp(prefix="sample_bench_"))
     folder = build_pipeline_dir("sd", root, size="bench")
@@ -75,22 +85,28 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     first_theirs = run_theirs()
     timings = {"ours": [], "diffusers": []}
+    cpu_times = {"ours": [], "diffusers": []}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         for name, fn in (("ours", run_ours), ("diffusers", run_theirs)):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             timings[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
     best = {k: min(v) for k, v in timings.items()}
     rate = {k: args.batch / v for k, v in best.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, {threads} cores; torch threads {threads}, "
-          f"XLA CPU default threads; XLA_FLAGS={xla_flags!r}; load average before {load_before}, after "
-          f"{os.getloadavg()[0]:.1f}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {threads} threads "
+          f"(CPUs {cpus}) for torch and XLA; XLA_FLAGS={xla_flags!r}; load average before {load_before}, "
+          f"after {os.getloadavg()[0]:.1f}")
     print(f"work: batch {args.batch}, {args.size}x{args.size}px, {args.steps} DDIM steps, CFG 7.5, plain IP-Adapter")
     print(f"max |ours - diffusers| pixel difference: {np.abs(first_ours - first_theirs).max():.2e}")
     print(f"ours: first call (compile + run) {compile_s:.1f}s")
     for name in ("ours", "diffusers"):
         print(f"{name:9s}: {rate[name]:.3f} images/s (best of {args.repeats}: {best[name]:.2f}s per batch)")
-    print("every run (s): " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in timings.items()))
+    print("every run, wall (s): " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in timings.items()))
+    print("every run, CPU (s):  " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v)
+                                             for k, v in cpu_times.items()))
+    if threads == 1:
+        print(f"ratio by best CPU time (1 thread): {min(cpu_times['diffusers']) / min(cpu_times['ours']):.2f}x")
     print(f"ratio ours/diffusers: {rate['ours'] / rate['diffusers']:.2f}x")
 
 

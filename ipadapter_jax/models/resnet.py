@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.models.conv import Conv2D
+from ipadapter_jax.models.group_norm import GroupNorm
 
 
 def conv3x3(features: int, name: str, dtype=None, stride: int = 1, padding=((1, 1), (1, 1))) -> Conv2D:
@@ -35,7 +36,7 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False, name="norm1")(x)
+        h = GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name="norm1")(x)
         h = conv3x3(self.out_channels, "conv1", self.dtype)(nn.silu(h))
         scale_shift = None
         if temb is not None:
@@ -45,7 +46,7 @@ class ResnetBlock2D(nn.Module):
                 scale_shift = jnp.split(t, 2, axis=-1)
             else:
                 h = h + t
-        h = nn.GroupNorm(self.groups_out or self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False, name="norm2")(h)
+        h = GroupNorm(self.groups_out or self.groups, epsilon=self.eps, dtype=self.dtype, name="norm2")(h)
         if scale_shift is not None:
             h = h * (1 + scale_shift[0]) + scale_shift[1]
         h = conv3x3(self.out_channels, "conv2", self.dtype)(nn.silu(h))

@@ -10,6 +10,15 @@ import jax.numpy as jnp
 
 from ipadapter_jax.models.attention import MultiHeadAttention
 from ipadapter_jax.models.decoupled_cross_attention import DecoupledCrossAttention
+from ipadapter_jax.models.group_norm import GroupNorm
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU, ``x * (1 + erf(x / sqrt(2))) / 2``, the formula torch uses. ``nn.gelu(approximate=False)``
+    computes the same through ``erfc``, which XLA:CPU expands into code 2.4x slower than ``erf``'s (it was 10%
+    of a UNet forward); the two agree to 1e-6, and differ only in relative precision far in the negative
+    tail, where both are ~0."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
 
 
 class GEGLU(nn.Module):
@@ -21,7 +30,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         value, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-        return value * nn.gelu(gate, approximate=False)
+        return value * gelu_erf(gate)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -51,7 +60,7 @@ class BasicTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, image_tokens: Sequence[jax.Array] = ()):
-        norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name=name)  # noqa: E731
+        norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
         x = x + MultiHeadAttention(self.heads, self.head_dim, upcast=self.upcast_attention,
                                    implementation=self.attention_implementation, dtype=self.dtype,
                                    name="attn1")(norm("norm1")(x))
@@ -79,7 +88,7 @@ class Transformer2D(nn.Module):
     def __call__(self, x, context, image_tokens: Sequence[jax.Array] = ()):
         b, h, w, c = x.shape
         inner = self.heads * self.head_dim
-        y = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, use_fast_variance=False, name="norm")(x)
+        y = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
         if self.use_linear_projection:
             y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
         else:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
+from ipadapter_jax.models.group_norm import GroupNorm
 from ipadapter_jax.models.resnet import conv3x3
 from ipadapter_jax.models.unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock
 from ipadapter_jax.models.unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_MID, CROSS_ATTN_UP, UNetConfig
@@ -98,7 +99,7 @@ class UNet2DConditionModel(nn.Module):
             )(x, block_skips, temb, context, image_tokens,
               upsample_size=None if is_final else skips[-1].shape[1:3])
 
-        x = nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype, use_fast_variance=False, name="conv_norm_out")(x)
+        x = GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)
         return conv3x3(cfg.out_channels, "conv_out", self.dtype)(nn.silu(x))
 
     def _text_time_embedding(self, added_cond, batch, dtype):

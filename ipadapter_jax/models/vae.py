@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.models.attention import dot_product_attention, merge_heads, split_heads
+from ipadapter_jax.models.group_norm import GroupNorm
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv3x3
 
 # diffusers builds every VAE norm and resnet with this epsilon, whatever the config says.
@@ -108,7 +109,7 @@ class VAEAttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        tokens = nn.GroupNorm(self.groups, epsilon=VAE_NORM_EPS, dtype=self.dtype, use_fast_variance=False, name="group_norm")(x)
+        tokens = GroupNorm(self.groups, epsilon=VAE_NORM_EPS, dtype=self.dtype, name="group_norm")(x)
         tokens = tokens.reshape(b, h * w, c)
         dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name)  # noqa: E731
         q = split_heads(dense("to_q")(tokens), self.heads)
@@ -193,7 +194,7 @@ class UpDecoderBlock2D(nn.Module):
 
 def _norm_act_conv_out(x: jax.Array, groups: int, out_channels: int, dtype) -> jax.Array:
     # Called inside a compact __call__, so the submodules get the parent's scope and these names.
-    x = nn.GroupNorm(groups, epsilon=VAE_NORM_EPS, dtype=dtype, use_fast_variance=False, name="conv_norm_out")(x)
+    x = GroupNorm(groups, epsilon=VAE_NORM_EPS, dtype=dtype, name="conv_norm_out")(x)
     return conv3x3(out_channels, "conv_out", dtype)(nn.silu(x))
 
 
