@@ -146,8 +146,10 @@ def test_corrupt_images_truncated_shards_and_missing_captions_are_skipped_and_co
         cut = tar.getmembers()[20].offset_data + 50
     (tmp_path / "truncated.tar").write_bytes(Path(good[1]).read_bytes()[:cut])
     spec = "::".join([str(tmp_path / "broken.tar"), str(tmp_path / "truncated.tar"), str(tmp_path / "gone.tar")])
-    # Enough steps to read every shard at least once (~56 usable samples per epoch, 8 per step).
-    config = tiny_config(world, num_steps=16, data__shards=spec, log__every_steps=16, checkpoint__every_steps=16)
+    # Enough steps to read every shard at least once (~50 usable samples per epoch, 8 per step). This run
+    # also takes the configs' defaults for large models: bfloat16 frozen weights and rematerialised blocks.
+    config = tiny_config(world, num_steps=16, data__shards=spec, log__every_steps=16, checkpoint__every_steps=16,
+                         model__compute_dtype="bfloat16", model__remat=True)
     result = main(config, tmp_path / "run")
     assert result.step == 16
     last = read_metrics(tmp_path / "run")[-1]

@@ -95,6 +95,8 @@ def _initial_state(setup: TrainingSetup, checkpointer: Checkpointer, resume: boo
         raise FileExistsError(f"{setup.workdir} already has checkpoints (latest step {latest}); resume, or train "
                               f"in another workdir")
     if latest is None:
+        if jax.process_index() == 0:
+            truncate_metrics(setup.workdir, 0)  # records of a run killed before its first checkpoint
         init_rng, rng = jax.random.split(jax.random.key(setup.config.seed))
         kv = put_host_tree(setup.kv, jax.tree.map(lambda _: setup.replicated, setup.kv))
         state = setup.init_state(replicated_key(init_rng, setup.mesh), kv)

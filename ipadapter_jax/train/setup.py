@@ -16,6 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
+from ipadapter_jax.data.shards import shards_for_process
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.train import tiny_world
 from ipadapter_jax.train.config import TrainConfig, check_against_devices
@@ -107,6 +108,9 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     logger.info("mesh: data=%d x fsdp=%d over %d devices in %d processes", data, fsdp, jax.device_count(),
                 jax.process_count())
     model_dir, shards = tiny_world_paths(config, workdir)
+    # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
+    # processes) must fail now, not after minutes of loading and compiling.
+    shards_for_process(shards)
 
     frozen_models = load_frozen_models(model_dir, config.model.image_encoder_dir or None,
                                        compute_dtype=config.model.compute_dtype,
