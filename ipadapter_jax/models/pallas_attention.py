@@ -176,7 +176,8 @@ def _specs(block_q: int, block_k: int, head_dim: int, q_axis: int, k_axis: int):
     return q_spec, k_spec, row_spec
 
 
-def _params(reduction_last: bool = True) -> pltpu.CompilerParams:
+def _params() -> pltpu.CompilerParams:
+    # The last grid axis walks the blocks a kernel accumulates over (keys, or queries for dK/dV): sequential.
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
                                 vmem_limit_bytes=_VMEM_LIMIT_BYTES)
 

@@ -145,11 +145,14 @@ def model_flops(fn: Any, args: tuple) -> float | None:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def format_figures(f: PlanFigures) -> list[str]:
     """Human-readable lines; every one says it is a compiler estimate."""
+    def tflop(x: float) -> str:
+        return f"{x / 1e12:.3g} TFLOP"
+
     lines = [
         f"[compiler estimate] per-chip HBM on {f.topology} ({f.num_chips} x {f.device_kind}, "
         f"{_gib(f.hbm_capacity_bytes)} each):",
@@ -157,15 +160,15 @@ def format_figures(f: PlanFigures) -> list[str]:
         f"+ temporaries {_gib(f.temp_bytes)} + code {_gib(f.code_bytes)}",
         f"    = {_gib(f.total_bytes)} of {_gib(f.hbm_capacity_bytes)} "
         f"({100 * f.total_bytes / f.hbm_capacity_bytes:.0f}%): {'FITS' if f.fits else 'DOES NOT FIT'}",
-        f"[compiler estimate] cost model per chip: {f.compiled_flops / 1e12:.2f} TFLOP compiled"
-        + (f", {f.model_flops / 1e12:.2f} TFLOP model" if f.model_flops is not None else "")
-        + f", {f.hbm_bytes_accessed / 1e9:.1f} GB HBM traffic",
+        f"[compiler estimate] cost model per chip: {tflop(f.compiled_flops)} compiled"
+        + (f", {tflop(f.model_flops)} model" if f.model_flops is not None else "")
+        + f", {f.hbm_bytes_accessed / 1e9:.3g} GB HBM traffic",
     ]
     if f.step_seconds is None:
         lines.append("[compiler estimate] step time: not available (the cost model could not time an op)")
         return lines
     peak = f.peak_bf16_flops / 1e12
-    lines.append(f"[compiler estimate] step time {1e3 * f.step_seconds:.1f} ms -> "
+    lines.append(f"[compiler estimate] step time {1e3 * f.step_seconds:.3g} ms -> "
                  f"{f.images_per_second_per_chip:.2f} images/s per chip "
                  f"({f.images_per_step} images per step over {f.num_chips} chips)")
     util = f"[compiler estimate] vs {peak:.0f} TFLOP/s bf16 peak per chip:"

@@ -10,6 +10,10 @@ Weights are never read: the models are built from their configs (the config's ``
 ``ShapeDtypeStruct`` weights. ``--topology cpu-N`` compiles the same program for N local CPU devices instead
 (with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``): memory and FLOPs only, no TPU timings.
 All figures are compiler estimates (see ``plan_figures``).
+
+Unlike the other CLIs this one leaves JAX's persistent compilation cache off: a program compiled for
+compile-only TPU devices cannot be loaded back without a TPU client (jax warns and compiles again), so the
+cache would only fill the disk.
 """
 
 from __future__ import annotations
