@@ -2,8 +2,8 @@
 
     python train.py --config configs/<name>.py --workdir DIR [--config.key=value ...] [--noresume]
 
-With no arguments it trains ``configs/tiny.py`` (a tiny random model on tiny synthetic data, CPU-friendly)
-into ``./workdir``. A workdir that holds a checkpoint is resumed from its latest one. The library code is
+With no arguments it trains ``configs/tiny.py`` (the shipped toy world: a tiny trained SD-style base on
+coloured-shape shards, CPU-friendly) into ``./workdir``. A workdir that holds a checkpoint is resumed from its latest one. The library code is
 ``ipadapter_jax.train``; a notebook can call ``ipadapter_jax.train.main(config, workdir)`` directly.
 """
 

@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         args.model = defaults["model"]
         args.ip_adapter = args.ip_adapter or defaults.get("ip_adapter")
         args.image = args.image or defaults.get("image")
+        print(f"no --model: the toy base {args.model}, adapter {args.ip_adapter}, image {args.image}", flush=True)
     started = time.time()
     print(f"loading {args.model} ...", flush=True)
     pipe = IPAdapterPipeline.from_pretrained(args.model, ip_adapter=args.ip_adapter or None,

@@ -8,14 +8,41 @@ from pathlib import Path
 ASSETS = Path(__file__).resolve().parent / "assets" / "toy"
 
 
-def default_sampling_paths() -> dict:
+def latest_toy_adapter(workdir: str | Path = "workdir") -> Path | None:
+    """The adapter ``python train.py`` (default workdir ``./workdir``) last exported, else the shipped one."""
+    trained = Path(workdir) / "ip_adapter.safetensors"
+    if trained.is_file() and _trained_on_toy_base(Path(workdir)):
+        return trained
+    shipped = ASSETS / "ip_adapter.safetensors"
+    return shipped if shipped.is_file() else None
+
+
+def _trained_on_toy_base(workdir: Path) -> bool:
+    # The workdir may hold an adapter for another base (e.g. a real SD1.5 run): only take it when the run's
+    # saved config names the toy base ("" is the random tiny world written into the workdir: another base),
+    # or when there is no config to say otherwise.
+    import json
+
+    # orbax's JSON item of the newest checkpoint holds the run's config.
+    configs = sorted(workdir.glob("checkpoints/*/config/metadata"),
+                     key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else -1, reverse=True)
+    for path in configs:
+        try:
+            model_dir = json.loads(path.read_text()).get("model", {}).get("model_dir", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return bool(model_dir) and Path(model_dir).resolve() == (ASSETS / "base").resolve()
+    return True
+
+
+def default_sampling_paths(workdir: str | Path = "workdir") -> dict:
     model = ASSETS / "base"
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"no --model given and the built-in toy model is not present at {model}; "
                                 f"pass --model DIR (a diffusers-format folder)")
     paths: dict = {"model": str(model)}
-    adapter = ASSETS / "ip_adapter.safetensors"
-    if adapter.is_file():
+    adapter = latest_toy_adapter(workdir)
+    if adapter is not None:
         paths["ip_adapter"] = [str(adapter)]
         paths["image"] = [str(ASSETS / "example.png")]
     return paths
