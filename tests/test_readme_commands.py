@@ -65,11 +65,13 @@ COVERED_BY = {
     "gcloud storage cp": ["third-party: gs:// shard URLs are read by tests/test_data_webdataset_source.py"
                           "::test_pipe_and_fsspec_urls (pipe: and fsspec schemes)"],
     "hf download": ["third-party: downloads the diffusers / transformers folders the loaders read"],
-    "mkdir -p /mnt/runs": ["third-party: shell"],
+    "mkdir -p ~/runs": ["third-party: shell"],
+    "sudo mkdir -p /models": ["third-party: shell"],
+    "sudo chmod 777 /models": ["third-party: shell"],
     "gcsfuse": ["third-party: mounts the workdir; a workdir path is what the training tests use"],
     "tensorboard --logdir": ["tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes"],
 }
-THIRD_PARTY = {"gcloud", "hf", "gcsfuse", "mkdir", "tensorboard"}
+THIRD_PARTY = {"gcloud", "hf", "gcsfuse", "mkdir", "sudo", "tensorboard"}
 
 
 def _readme_blocks() -> tuple[list[str], list[str]]:
@@ -174,6 +176,23 @@ def test_python_snippets_compile():
     assert len(snippets) >= 2
     for snippet in snippets:
         compile(snippet, "README.md", "exec")
+
+
+def test_ip_scale_dicts_in_the_snippets_fit_sd15():
+    """The Python snippets use SD1.5 folders: every ``ip_scale={...}`` in them must name layers that SD1.5's
+    UNet has (the published config in ipadapter_jax/reference_configs)."""
+    from ipadapter_jax.models.ip_scales import resolve_ip_scales
+    from ipadapter_jax.models.unet_config import UNetConfig
+
+    config = UNetConfig.from_diffusers(json.loads(
+        (REPO / "ipadapter_jax" / "reference_configs" / "sd15_unet.json").read_text()))
+    _, snippets = _readme_blocks()
+    specs = [ast.literal_eval(keyword.value) for snippet in snippets for node in ast.walk(ast.parse(snippet))
+             if isinstance(node, ast.Call) for keyword in node.keywords
+             if keyword.arg == "ip_scale" and isinstance(keyword.value, ast.Dict)]
+    assert specs, "no per-block ip_scale in the README's snippets"
+    for spec in specs:
+        assert resolve_ip_scales(config, spec, 1).any(), f"ip_scale={spec} selects no SD1.5 layer"
 
 
 # Parses commands' arguments with each CLI's own parser, without running them; prints one JSON line per
