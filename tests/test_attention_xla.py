@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ipadapter_jax.models.attention import dot_product_attention
+from ipadapter_jax.models.attention import attention_function, dot_product_attention
 
 
 @pytest.mark.parametrize("b,tq,tk,heads,head_dim", [(2, 64, 64, 4, 16), (2, 64, 77, 2, 40), (1, 16, 4, 8, 8)])
@@ -30,3 +30,16 @@ def test_xla_attention_bf16_keeps_dtype_and_accuracy():
     half = dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     assert half.dtype == jnp.bfloat16
     assert float(jnp.abs(half.astype(jnp.float32) - full).max()) <= 2e-2
+
+
+def test_pallas_is_found_without_importing_its_module_first():
+    """Training and sampling name the implementation in a config; the Pallas kernels register on first use."""
+    import subprocess
+    import sys
+
+    code = ("from ipadapter_jax.models.attention import attention_function, ATTENTION_IMPLEMENTATIONS\n"
+            "assert 'pallas' not in ATTENTION_IMPLEMENTATIONS\n"
+            "attention_function('pallas_interpret'); assert 'pallas' in ATTENTION_IMPLEMENTATIONS\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+        attention_function("flash")

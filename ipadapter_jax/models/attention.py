@@ -51,6 +51,19 @@ def register_attention_implementation(name: str, fn: AttentionFn) -> None:
     ATTENTION_IMPLEMENTATIONS[name] = fn
 
 
+def attention_function(implementation: str) -> AttentionFn:
+    """The registered function, importing the Pallas kernels on first use: they pull in Pallas' TPU module,
+    which a CPU-only sampling or training run should not pay for."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS and implementation.startswith("pallas"):
+        from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas", "pallas_interpret")
+    try:
+        return ATTENTION_IMPLEMENTATIONS[implementation]
+    except KeyError:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; known: {sorted(ATTENTION_IMPLEMENTATIONS)}"
+        ) from None
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla", upcast: bool = False
 ) -> jax.Array:
@@ -64,12 +77,7 @@ def dot_product_attention(
     Returns:
       ``[batch, q_tokens, heads, head_dim]`` in q's dtype.
     """
-    try:
-        fn = ATTENTION_IMPLEMENTATIONS[implementation]
-    except KeyError:
-        raise ValueError(
-            f"unknown attention implementation {implementation!r}; known: {sorted(ATTENTION_IMPLEMENTATIONS)}"
-        ) from None
+    fn = attention_function(implementation)
     dtype = q.dtype
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
