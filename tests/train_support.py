@@ -51,6 +51,7 @@ def tiny_config(world: dict, **overrides):
     c = tiny.get_config()
     c.model.model_dir = world["model"]
     c.data.shards = world["shards"]
+    c.data.resolution = 64  # the tiny world's images (configs/tiny.py trains the 32px toy world)
     c.validation.every_steps = 0
     c.log.progress_bar = False
     c.log.every_steps = 1
