@@ -55,14 +55,23 @@ def frozen_models(world):
     return load_frozen_models(world["model"], compute_dtype="float32")
 
 
-@pytest.mark.parametrize("variant", ["plain", "plus"])
-def test_cached_steps_match_online_steps(world, frozen_models, variant, tmp_path):
-    config = _config(world, adapter__variant=variant)
+@pytest.fixture(scope="module")
+def sdxl_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("sdxl") / "model", seed=1, arch="sdxl", pretrain_steps=0)
+
+
+@pytest.mark.parametrize("arch, variant", [("sd15", "plain"), ("sd15", "plus"), ("sdxl", "plus")])
+def test_cached_steps_match_online_steps(world, frozen_models, arch, variant, tmp_path, request):
+    model = Path(world["model"]) if arch == "sd15" else request.getfixturevalue("sdxl_model")
+    if arch == "sdxl":
+        frozen_models = load_frozen_models(model, compute_dtype="float32")
+    config = _config(world, adapter__variant=variant, model__model_dir=str(model))
     summary = write_latent_cache(config, tmp_path / "cache", batch_size=16)
     assert summary.counters["used"] == 256 and summary.counters["skipped"] == {}
     cached_config = _cached(config, tmp_path / "cache")
     modules = frozen_models.modules
-    cache = open_latent_cache(cached_config, Path(world["model"]), modules)
+    assert modules.is_sdxl == (arch == "sdxl")
+    cache = open_latent_cache(cached_config, model, modules)
     online_source = make_source(config, modules, world["shards"])
     cached_source = make_source(cached_config, modules, None, cache=cache)
 
@@ -91,12 +100,12 @@ def test_cached_steps_match_online_steps(world, frozen_models, variant, tmp_path
         cached_state, cached_metrics = cached_step(
             cached_state, cached_frozen, {k: cached[k] for k in batch_keys(modules, True)}, rng)
         a, b = float(online_metrics["loss"]), float(cached_metrics["loss"])
-        print(f"{variant} step {step + 1}: online loss {a:.6f}, cached {b:.6f}, rel diff {abs(a - b) / a:.2e}")
+        print(f"{arch} {variant} step {step + 1}: online loss {a:.6f}, cached {b:.6f}, rel diff {abs(a - b) / a:.2e}")
         assert abs(a - b) <= LOSS_TOL * abs(a)
     assert (drops > 0).all(), drops  # both kinds of dropout were exercised
     diff = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(online_state.params),
                                                             jax.tree.leaves(cached_state.params)))
-    print(f"{variant}: adapter params after {STEPS} steps, max abs diff {diff:.2e}")
+    print(f"{arch} {variant}: adapter params after {STEPS} steps, max abs diff {diff:.2e}")
     assert diff <= PARAM_TOL
     online_source.close()
     cached_source.close()
