@@ -130,15 +130,15 @@ def _tar(path: Path, members: list[tuple[str, bytes]], truncate: bool = False) -
         path.write_bytes(data[: len(data) // 2])
 
 
-def test_writer_counts_skips_as_the_online_source_does(world, tmp_path):
+def test_writer_counts_skips_as_the_online_source_does(world, frozen_models, tmp_path):
     good = shape_samples(6, seed=3, prefix="g")
     _tar(tmp_path / "a.tar", good[:4] + [("bad.png", b"not a png"), ("bad.txt", b"x"), ("nocap.png", _png("red"))])
     _tar(tmp_path / "b.tar", good[4:] + [("late.png", _png("blue")), ("late.txt", b"late")] * 3, truncate=True)
     spec = f"{tmp_path}/{{a,b}}.tar"
     config = _config(world, data__shards=spec, batch_size=1)
     summary = write_latent_cache(config, tmp_path / "cache", batch_size=2)
-    online = make_source(config, load_frozen_models(world["model"], compute_dtype="float32").modules, spec,
-                         num_epochs=1)
+    modules = frozen_models.modules
+    online = make_source(config, modules, spec, num_epochs=1)
     used = sum(1 for _ in online)
     counters = online.counters.to_dict()
     print("writer:", summary.counters, "online:", counters)
@@ -152,6 +152,19 @@ def test_writer_counts_skips_as_the_online_source_does(world, tmp_path):
     # A second run reuses the finished shards.
     again = write_latent_cache(config, tmp_path / "cache", batch_size=2)
     assert again.shards_written == [] and again.counters == summary.counters
+
+    # Two writers: each encodes its share; the cache is usable once both have finished.
+    split = tmp_path / "split"
+    second = write_latent_cache(config, split, batch_size=2, process_index=1, process_count=2)
+    assert second.shards_written == ["cache-000001.tar"] and not (split / "manifest.json").exists()
+    first = write_latent_cache(config, split, batch_size=2, process_index=0, process_count=2)
+    assert first.shards_written == ["cache-000000.tar"]
+    assert read_manifest(str(split))["shards"] == manifest["shards"]
+    assert first.counters["used"] + second.counters["used"] == summary.counters["used"]
+    open_latent_cache(_cached(config, split), Path(world["model"]), modules)
+    (split / "counts-00001-of-00002.json").unlink()
+    with pytest.raises(CacheError, match="is incomplete: .*counts-00001-of-00002.json is missing"):
+        open_latent_cache(_cached(config, split), Path(world["model"]), modules)
 
 
 def test_a_cache_for_another_resolution_variant_or_model_is_refused(world, frozen_models, tmp_path):

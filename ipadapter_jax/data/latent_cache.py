@@ -72,6 +72,19 @@ def read_manifest(cache_dir: str) -> dict:
     return manifest
 
 
+def read_counts(cache_dir: str, manifest: dict) -> list[dict]:
+    """Every writer's sample counters; a missing file means that writer has not finished."""
+    out = []
+    for name in manifest.get("counts", []):
+        url = cache_url(cache_dir, name)
+        try:
+            out.append(json.loads(_read_bytes(url)))
+        except Exception as exc:
+            raise CacheError(f"the latent cache {cache_dir} is incomplete: {url} is missing or unreadable (a "
+                             f"writer process has not finished; re-run it with the same arguments)") from exc
+    return out
+
+
 def read_uncond(cache_dir: str) -> dict[str, np.ndarray]:
     url = cache_url(cache_dir, UNCOND_NAME)
     try:

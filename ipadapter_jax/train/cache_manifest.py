@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ipadapter_jax.data.latent_cache import (CacheError, cache_url, model_fingerprint, read_manifest,
-                                             read_uncond)
+from ipadapter_jax.data.latent_cache import (CacheError, cache_url, model_fingerprint, read_counts,
+                                             read_manifest, read_uncond)
 from ipadapter_jax.train.cached_batch import cached_example_shapes, image_feature_shape
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,13 @@ def open_latent_cache(config: Any, model_dir: Path, modules: Any) -> LatentCache
         raise CacheError(f"{cache_url(cache_dir, 'uncond.npz')}: wrong or missing arrays {wrong} (found, expected)")
     if not manifest.get("shards"):
         raise CacheError(f"the latent cache {cache_dir} lists no shards")
+    counts = read_counts(cache_dir, manifest)
+    skipped = {}
+    for c in counts:
+        for reason, n in c.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    logger.info("latent cache %s: %d shards, %d samples; skipped when written: %s", cache_dir,
+                len(manifest["shards"]), sum(c.get("used", 0) for c in counts), skipped or "none")
     if manifest.get("random_crop") != config.data.random_crop:
         logger.warning("the latent cache was made with random_crop=%s (one crop per image, fixed), the config "
                        "says data.random_crop=%s", manifest.get("random_crop"), config.data.random_crop)
