@@ -1,25 +1,34 @@
-"""Training from a latent cache through the real entry point (``train.main``) on the tiny world: the run
-trains, logs and checkpoints; a run stopped at a checkpoint and resumed reaches the same adapter as an
+"""Training from a latent cache through the real entry points (the cache written by ``python -m
+ipadapter_jax.tools.cache_latents``, training by ``train.main``) on the tiny world: the run trains, logs and
+checkpoints; a run stopped at a checkpoint and resumed reaches the same adapter as an
 uninterrupted one (<= 1e-6, data order included); the compiled step holds only the UNet of the frozen models;
 and a cache that does not match the config is refused before compiling."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from train_support import adapter_arrays, max_abs_diff, tiny_config, world  # noqa: F401  (world: a fixture)
+from train_support import (REPO, adapter_arrays, config_flags, max_abs_diff, subprocess_env, tiny_config,  # noqa: F401
+                           world)
 from ipadapter_jax.data.latent_cache import CacheError
 from ipadapter_jax.train import TrainConfig, main
-from ipadapter_jax.train.cache_writer import write_latent_cache
 from ipadapter_jax.train.metrics_log import read_metrics
 from ipadapter_jax.train.setup import build_setup
 
 
 @pytest.fixture(scope="module")
 def cache_dir(world, tmp_path_factory) -> str:
+    """Written by the command line tool, as a user would."""
     out = tmp_path_factory.mktemp("latent_cache")
-    write_latent_cache(TrainConfig.from_config_dict(tiny_config(world)), out)
+    cmd = [sys.executable, "-m", "ipadapter_jax.tools.cache_latents", "--config", str(REPO / "configs" / "tiny.py"),
+           "--out", str(out), "--batch_size", "16", *config_flags(tiny_config(world))]
+    proc = subprocess.run(cmd, cwd=str(REPO), env=subprocess_env(world), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "8 shard(s) written" in proc.stdout and '"used": 256' in proc.stdout
     return str(out)
 
 
@@ -56,3 +65,11 @@ def test_setup_places_only_the_unet_and_checks_the_manifest(world, cache_dir, tm
     assert len(setup.shards) == 8 and all(s.endswith(".tar") and "cache-" in s for s in setup.shards)
     with pytest.raises(CacheError, match="resolution: cache 32, config 48"):
         build_setup(TrainConfig.from_config_dict(_config(world, cache_dir, data__resolution=48)), tmp_path / "b")
+
+
+def test_validation_grids_while_training_from_a_cache(world, cache_dir, tmp_path):
+    """Validation still encodes its prompts and decodes its samples: those models stay on the devices, and the
+    image prompts come from the image shards (data.shards), not the cache."""
+    config = _config(world, cache_dir, num_steps=2, validation__every_steps=2, validation__num_inference_steps=2)
+    assert main(config, tmp_path).step == 2
+    assert [p.name for p in (tmp_path / "validation").glob("step_*.png")] == ["step_00000002.png"]
