@@ -60,7 +60,8 @@ def sdxl_model(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("sdxl") / "model", seed=1, arch="sdxl", pretrain_steps=0)
 
 
-@pytest.mark.parametrize("arch, variant", [("sd15", "plain"), ("sd15", "plus"), ("sdxl", "plus")])
+@pytest.mark.parametrize("arch, variant", [("sd15", "plain"), ("sd15", "plus"),
+                                           pytest.param("sdxl", "plus", marks=pytest.mark.slow)])
 def test_cached_steps_match_online_steps(world, frozen_models, arch, variant, tmp_path, request):
     model = Path(world["model"]) if arch == "sd15" else request.getfixturevalue("sdxl_model")
     if arch == "sdxl":
