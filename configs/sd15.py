@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.shuffle_shards = True  # new shard order every epoch (deterministic in the seed)
     c.data.decode_threads = 16  # image-decoding threads per process
     c.data.prefetch_batches = 2  # batches read ahead of the step
+    c.data.cache_latents = False  # read VAE moments + text/image encodings from cache_dir (no encoders in the step)
+    c.data.cache_dir = ""  # folder written by python -m ipadapter_jax.tools.cache_latents (any URL shards can use)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4  # peak learning rate (the paper's)

@@ -20,6 +20,7 @@ SKIP_REASONS = (
     "bad_caption",  # caption bytes not UTF-8, json not parseable or field not a string
     "shard_open_failed",  # shard URL could not be opened (missing file, unreachable URL)
     "shard_read_error",  # shard stopped with an error part-way (truncated or corrupt tar)
+    "bad_cache_sample",  # latent-cache sample with a missing, unreadable or wrongly shaped member
 )
 
 

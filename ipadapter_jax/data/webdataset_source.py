@@ -244,7 +244,7 @@ class WebDatasetSource:
         result = future.result() if isinstance(future, Future) else self._work(item)
         return item, result
 
-    def _consume(self, item: _Item, result: Any) -> Example | None:
+    def _consume(self, item: _Item, result: Any) -> Any:
         old_epoch = self._cursor[0]
         self._cursor = item.cursor_after
         example = None
@@ -252,13 +252,13 @@ class WebDatasetSource:
             self.counters.shards_finished += 1
             if result is not None:
                 self.counters.skip(result)
-        elif isinstance(result, Example):
+        elif isinstance(result, str):  # a skip reason
+            self.counters.skip(result)
+        else:  # an Example (or a subclass's decoded sample, e.g. `cached_source`)
             example = result
             self.counters.used += 1
-            self.counters.convert(result.conversion)
+            self.counters.convert(getattr(result, "conversion", ""))
             self._epochs_without_example = 0
-        else:
-            self.counters.skip(result)
         if self._cursor[0] != old_epoch:
             self._epochs_without_example += 1
             if self._epochs_without_example >= 2:
@@ -272,7 +272,7 @@ class WebDatasetSource:
         return self
 
     def __next__(self) -> dict:
-        examples: list[Example] = []
+        examples: list = []
         while len(examples) < self.local_batch_size:
             item, result = self._next_outcome()
             example = self._consume(item, result)

@@ -37,8 +37,8 @@ flags.DEFINE_string("topology", "v5e-8", "Cloud TPU slice name (v4-8, v5e-8, v5e
                     "cpu-N for N local CPU devices")
 flags.DEFINE_enum("what", "train", ["train", "sample"], "the training step or the sampler (validation grid "
                   "settings of the config: steps, guidance; --sample_batch images)")
-flags.DEFINE_enum("latents", "online", ["online", "cached"], "train: VAE in the step (online) or latents "
-                  "encoded ahead of training (cached)")
+flags.DEFINE_enum("latents", "online", ["online", "cached"], "train: frozen encoders in the step (online) or "
+                  "their outputs read from a latent cache (cached: data.cache_latents, tools.cache_latents)")
 flags.DEFINE_enum("base", "auto", ["auto", "sd15", "sdxl"], "base model architecture when model_dir holds no "
                   "configs (auto: from model_dir's name)")
 flags.DEFINE_integer("sample_batch", 0, "sample: images per call (global); 0 = one per chip")

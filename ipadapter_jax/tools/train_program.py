@@ -4,21 +4,17 @@ mesh, shardings and donation (``ipadapter_jax.train``), applied to abstract inpu
 Two data paths:
   - ``online``: what ``train.py`` runs: the batch carries pixels and every frozen encoder (VAE, text
     encoder(s), CLIP image encoder) runs inside the step.
-  - ``cached``: VAE latents encoded once ahead of training (``[B, R/8, R/8, 4]`` float32 in the batch, the
-    VAE's weights off the chips); text and image encoders still run in the step. The trainer has no such
-    data path yet, so the plan traces the same step with its VAE encoding replaced by the cached latents
-    (``train.step.encode_latents`` patched while tracing); everything else is the trainer's code.
+  - ``cached``: what ``data.cache_latents`` runs: the batch carries the encodings written ahead of training
+    by ``tools.cache_latents`` (VAE posterior moments, text conditioning, image features; see
+    ``train.cached_batch``) and the only frozen weights on the chips are the UNet's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
-from unittest import mock
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from ipadapter_jax.tools.plan_program import Program, unsharded, with_shardings
@@ -26,23 +22,10 @@ from ipadapter_jax.tools.plan_program import Program, unsharded, with_shardings
 LATENT_PATHS = ("online", "cached")
 
 
-def _cached_latents_patch():
-    from ipadapter_jax.train import step
-
-    return mock.patch.object(step, "encode_latents", lambda modules, frozen, latents, rng: latents.astype(jnp.float32))
-
-
-@contextlib.contextmanager
-def _contexts(*managers):
-    with contextlib.ExitStack() as stack:
-        for manager in managers:
-            stack.enter_context(manager)
-        yield
-
-
 def train_program(config: Any, devices: list, configs: dict, latents: str = "online") -> Program:
     """``config``: a ``train.TrainConfig``; ``devices``: the slice's (compile-only) devices; ``configs``: the
     model config dicts (``reference_models.model_configs``)."""
+    from ipadapter_jax.train.cached_batch import abstract_cached_frozen
     from ipadapter_jax.train.config import check_against_devices
     from ipadapter_jax.train.setup import projection_config
     from ipadapter_jax.train.sharding import batch_sharding, make_mesh, replicated, weight_shardings
@@ -55,24 +38,22 @@ def train_program(config: Any, devices: list, configs: dict, latents: str = "onl
     data, fsdp = check_against_devices(config, len(devices), 1)
     mesh = make_mesh(data, fsdp, devices)
     m = config.model
+    cached = latents == "cached"
 
     def build(attention: str, remat: bool, micro_batch_sharding):
         modules, frozen = abstract_frozen_models(configs, m.compute_dtype, attention, remat)
-        if latents == "cached":
-            frozen = {k: v for k, v in frozen.items() if k != "vae"}
         projection = projection_config(config, _ModulesHolder(modules))
+        if cached:
+            frozen = abstract_cached_frozen(modules, projection.uses_hidden_states, frozen["unet"])
         tx, lr_schedule = make_optimizer(config.optimizer, config.num_steps)
         init = state_initializer(modules.unet_config, projection, tx)
         kv = abstract_cross_attention_kv(modules.unet_config, frozen["unet"])
         state = jax.eval_shape(init, jax.random.key(0), kv)
         settings = StepSettings(projection, config.data.resolution, config.optimizer.grad_accum_steps,
-                                config.loss.noise_offset, config.loss.min_snr_gamma, m.sample_posterior)
+                                config.loss.noise_offset, config.loss.min_snr_gamma, m.sample_posterior,
+                                cached_latents=cached)
         step = make_train_step(modules, tx, lr_schedule, settings, micro_batch_sharding=micro_batch_sharding)
-        batch = abstract_batch(modules, config.batch_size, config.data.resolution)
-        if latents == "cached":
-            side = config.data.resolution // modules.latent_downsample
-            batch["pixels"] = jax.ShapeDtypeStruct(
-                (config.batch_size, side, side, modules.vae_config.latent_channels), jnp.float32)
+        batch = abstract_batch(modules, config.batch_size, config.data.resolution, settings)
         return modules, frozen, state, tx, step, batch
 
     modules, frozen, state, tx, step, batch = build(
@@ -100,12 +81,10 @@ def train_program(config: Any, devices: list, configs: dict, latents: str = "onl
         f"mesh data={data} x fsdp={fsdp}; frozen weights split over fsdp: {fsdp_params / max(total_params, 1):.0%} "
         f"of {total_params / 1e9:.2f} B parameters",
     ]
-    patch = _cached_latents_patch if latents == "cached" else contextlib.nullcontext
     return Program(
         name="train", jitted=jitted, args=args, model_fn=model_step, model_args=model_args,
         images_per_step=config.batch_size, mesh_shape={"data": data, "fsdp": fsdp}, description=description,
-        tracing=lambda: _contexts(jax.set_mesh(mesh), patch()),
-        model_tracing=patch,
+        tracing=lambda: jax.set_mesh(mesh),
     )
 
 

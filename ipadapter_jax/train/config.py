@@ -53,6 +53,8 @@ class DataConfig:
     shuffle_shards: bool = True
     decode_threads: int = 8
     prefetch_batches: int = 2
+    cache_latents: bool = False
+    cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +186,9 @@ class TrainConfig:
             p.append(f"optimizer.final_lr_fraction={self.optimizer.final_lr_fraction} must be in [0, 1]")
         if self.optimizer.warmup_steps > self.num_steps:
             p.append(f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds num_steps={self.num_steps}")
+        if self.data.cache_latents and not self.data.cache_dir:
+            p.append("data.cache_latents is on but data.cache_dir is empty: name the folder written by "
+                     "python -m ipadapter_jax.tools.cache_latents")
         if self.validation.every_steps and self.validation.num_images <= 0 and not self.validation.images:
             p.append("validation is on (validation.every_steps > 0) but validation.num_images is 0")
         return p

@@ -12,11 +12,13 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from ipadapter_jax.data.cached_source import CachedBatchCollator, CachedSource
 from ipadapter_jax.data.conditioning_dropout import DropoutRates
 from ipadapter_jax.data.examples import BatchCollator, ExampleProcessor
 from ipadapter_jax.data.global_batch import make_global_batch
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.data.webdataset_source import WebDatasetSource
+from ipadapter_jax.train.cache_manifest import LatentCache
 from ipadapter_jax.train.config import TrainConfig
 from ipadapter_jax.train.frozen import FrozenModules
 
@@ -28,14 +30,21 @@ class FedBatch(NamedTuple):
 
 
 def make_source(config: TrainConfig, modules: FrozenModules, shards: str | Sequence[str],
-                state: dict | None = None, **overrides: Any) -> WebDatasetSource:
-    """This process's training source over ``shards`` (``overrides`` go to ``WebDatasetSource``)."""
+                state: dict | None = None, cache: LatentCache | None = None, **overrides: Any) -> WebDatasetSource:
+    """This process's training source over ``shards`` (``overrides`` go to ``WebDatasetSource``); with an opened
+    latent ``cache``, a ``CachedSource`` over the cache's shards (``shards`` is then ignored)."""
     data = config.data
+    rates = DropoutRates(text=data.drop_text, image=data.drop_image, both=data.drop_both)
+    if cache is not None:
+        kwargs = dict(global_batch_size=config.batch_size, seed=config.seed, shuffle_shards=data.shuffle_shards,
+                      num_decode_threads=data.decode_threads, state=state)
+        kwargs.update(overrides)
+        collator = CachedBatchCollator(cache.uncond_text, rates, dropout_seed=config.seed)
+        return CachedSource(cache.shards, shapes=cache.shapes, collator=collator, **kwargs)
     tokenizer = CaptionTokenizer(modules.tokenizer_dir, max_length=modules.text_length)
     tokenizer_2 = (CaptionTokenizer(modules.tokenizer_2_dir, max_length=modules.text_length)
                    if modules.tokenizer_2_dir else None)
-    collator = BatchCollator(tokenizer, tokenizer_2, DropoutRates(text=data.drop_text, image=data.drop_image,
-                                                                  both=data.drop_both), dropout_seed=config.seed)
+    collator = BatchCollator(tokenizer, tokenizer_2, rates, dropout_seed=config.seed)
     processor = ExampleProcessor(data.resolution, clip_config=modules.clip_image_config,
                                  random_crop=data.random_crop)
     kwargs = dict(global_batch_size=config.batch_size, processor=processor, collator=collator, seed=config.seed,

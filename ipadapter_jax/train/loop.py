@@ -151,7 +151,7 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
         from ipadapter_jax.train.validation import Validator
 
         validator = Validator(setup)
-    feed = DataFeed(make_source(config, setup.modules, setup.shards, state=data_state), setup.mesh,
+    feed = DataFeed(make_source(config, setup.modules, setup.shards, state=data_state, cache=setup.cache), setup.mesh,
                     batch_partition_spec(setup), step_batch_keys(setup), prefetch=config.data.prefetch_batches)
     last_saved = resumed_from
     last_record: dict = {}

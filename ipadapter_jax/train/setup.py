@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from ipadapter_jax.data.shards import shards_for_process
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.train import tiny_world
+from ipadapter_jax.train.cache_manifest import LatentCache, open_latent_cache
 from ipadapter_jax.train.config import TrainConfig, check_against_devices
 from ipadapter_jax.train.frozen import FrozenModels, load_frozen_models
 from ipadapter_jax.train.sharding import (batch_sharding, logical_spec, make_mesh, put_host_tree, replicated,
@@ -36,7 +37,9 @@ class TrainingSetup:
     workdir: Path
     mesh: Mesh
     model_dir: Path
-    shards: str
+    shards: Any  # the training shards: the config's (or the tiny world's) spec, or the latent cache's URLs
+    image_shards: str  # shards holding images (validation prompts): the config's / tiny world's spec
+    cache: LatentCache | None  # the opened latent cache when data.cache_latents
     frozen_models: FrozenModels
     frozen: dict  # frozen params on the mesh, compute dtype
     projection: ProjectionConfig
@@ -114,10 +117,11 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     mesh = make_mesh(data, fsdp)
     logger.info("mesh: data=%d x fsdp=%d over %d devices in %d processes", data, fsdp, jax.device_count(),
                 jax.process_count())
-    model_dir, shards = tiny_world_paths(config, workdir)
-    # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
-    # processes) must fail now, not after minutes of loading and compiling.
-    shards_for_process(shards)
+    model_dir, image_shards = tiny_world_paths(config, workdir)
+    if not config.data.cache_latents:
+        # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
+        # processes) must fail now, not after minutes of loading and compiling.
+        shards_for_process(image_shards)
 
     frozen_models = load_frozen_models(model_dir, config.model.image_encoder_dir or None,
                                        compute_dtype=config.model.compute_dtype,
@@ -127,7 +131,16 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     if config.data.resolution % modules.latent_downsample:
         raise ValueError(f"data.resolution={config.data.resolution} is not a multiple of the VAE's downsampling "
                          f"factor {modules.latent_downsample}")
+    cache, shards = None, image_shards
+    if config.data.cache_latents:
+        cache = open_latent_cache(config, model_dir, modules)
+        shards = cache.shards
+        shards_for_process(shards)
     host_frozen = frozen_models.params_in(config.model.compute_dtype)
+    if cache is not None:
+        # The step needs only the UNet; validation (if on) still encodes its prompts and decodes its samples.
+        kept = host_frozen if config.validation.every_steps else {"unet": host_frozen["unet"]}
+        host_frozen = {**kept, "image_uncond": cache.uncond["image_features"]}
     frozen_shardings = weight_shardings(host_frozen, mesh, config.mesh)
     frozen = put_host_tree(host_frozen, frozen_shardings)
     _log_layout("frozen weights", host_frozen, frozen_shardings)
@@ -146,10 +159,11 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     init_state = jax.jit(init, out_shardings=state_sh)
 
     settings = StepSettings(projection, config.data.resolution, config.optimizer.grad_accum_steps,
-                            config.loss.noise_offset, config.loss.min_snr_gamma, config.model.sample_posterior)
+                            config.loss.noise_offset, config.loss.min_snr_gamma, config.model.sample_posterior,
+                            cached_latents=cache is not None)
     step_fn = make_train_step(modules, tx, lr_schedule, settings,
                               micro_batch_sharding=lambda ndim: batch_sharding(mesh, config.mesh, ndim))
-    batch = abstract_batch(modules, config.batch_size, config.data.resolution)
+    batch = abstract_batch(modules, config.batch_size, config.data.resolution, settings)
     batch_sh = {k: batch_sharding(mesh, config.mesh, v.ndim) for k, v in batch.items()}
     abstract_rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
     jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_shardings, batch_sh, rep),
@@ -162,7 +176,8 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     wait_for_all_processes("setup_done")
     rng_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainingSetup(
-        config=config, workdir=workdir, mesh=mesh, model_dir=model_dir, shards=shards,
+        config=config, workdir=workdir, mesh=mesh, model_dir=model_dir, shards=shards, image_shards=image_shards,
+        cache=cache,
         frozen_models=frozen_models, frozen=frozen, projection=projection, settings=settings, tx=tx,
         lr_schedule=lr_schedule, init_state=init_state, kv=kv, abstract_state=abstract_state,
         abstract_rng_data=jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=rep),
@@ -175,7 +190,7 @@ def batch_partition_spec(setup: TrainingSetup):
 
 
 def step_batch_keys(setup: TrainingSetup) -> tuple[str, ...]:
-    return batch_keys(setup.modules)
+    return batch_keys(setup.modules, setup.settings.cached_latents)
 
 
 def _log_layout(what: str, tree: Any, shardings: Any) -> None:

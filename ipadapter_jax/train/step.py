@@ -10,6 +10,8 @@ before one optimizer update.
 Batch layout (global arrays, leading axis sharded over the mesh; see ``data.examples``):
   pixels [B, R, R, 3] f32 in [-1, 1]; clip_pixels [B, S, S, 3] f32; input_ids [B, T] i32;
   input_ids_2 [B, T] i32 (SDXL); original_size, crop_top_left [B, 2] i32 (SDXL); drop_image [B] bool.
+With ``StepSettings.cached_latents`` the batch carries the encoders' outputs instead (see ``cached_batch``)
+and ``frozen`` is ``{"unet", "image_uncond"}`` (plus any models the step ignores).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from jax.sharding import NamedSharding
 from ipadapter_jax.diffusion.noise_schedule import add_noise, snr, training_target
 from ipadapter_jax.models.adapter import adapter_variables
 from ipadapter_jax.models.image_projection import ProjectionConfig, projection_module
+from ipadapter_jax.train.cached_batch import (abstract_cached_batch, cached_batch_keys, cached_image_features,
+                                              latents_from_moments)
 from ipadapter_jax.train.frozen import (FrozenModules, encode_image_prompt, encode_latents, encode_text,
                                         sdxl_time_ids)
 from ipadapter_jax.train.state import TrainState
@@ -40,18 +44,25 @@ class StepSettings:
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0
     sample_posterior: bool = True
+    cached_latents: bool = False  # the batch holds cached encodings (``cached_batch``), not pixels and ids
 
 
-def batch_keys(modules: FrozenModules) -> tuple[str, ...]:
+def batch_keys(modules: FrozenModules, cached_latents: bool = False) -> tuple[str, ...]:
     """The batch entries the step reads."""
+    if cached_latents:
+        return cached_batch_keys(modules)
     keys = ("pixels", "clip_pixels", "input_ids", "drop_image")
     if modules.is_sdxl:
         keys += ("input_ids_2", "original_size", "crop_top_left")
     return keys
 
 
-def abstract_batch(modules: FrozenModules, batch_size: int, resolution: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Global shapes and dtypes of one batch (for ahead-of-time compilation)."""
+def abstract_batch(modules: FrozenModules, batch_size: int, resolution: int,
+                   settings: StepSettings | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes and dtypes of one batch (for ahead-of-time compilation); ``settings`` says whether it is
+    a cached batch, and for which adapter variant."""
+    if settings is not None and settings.cached_latents:
+        return abstract_cached_batch(modules, batch_size, resolution, settings.projection.uses_hidden_states)
     s, t = modules.clip_image_size, modules.text_length
     shapes = {"pixels": ((batch_size, resolution, resolution, 3), jnp.float32),
               "clip_pixels": ((batch_size, s, s, 3), jnp.float32),
@@ -84,22 +95,29 @@ def encode_batch(modules: FrozenModules, frozen: dict, batch: dict, rng: jax.Arr
     """Everything the adapter's loss needs that does not depend on the adapter: noisy latents, target,
     timesteps, text conditioning and image features."""
     schedule = modules.schedule
-    shape = latent_shape(modules, batch["pixels"].shape[0], settings.resolution)
+    shape = latent_shape(modules, batch["drop_image"].shape[0], settings.resolution)
     k_latent, noise, t = draw_noise(rng, shape, schedule.num_train_timesteps, settings.noise_offset)
-    latents = encode_latents(modules, frozen, batch["pixels"], k_latent if settings.sample_posterior else None)
-    text = encode_text(modules, frozen, batch["input_ids"], batch.get("input_ids_2"))
+    k_latent = k_latent if settings.sample_posterior else None
+    if settings.cached_latents:
+        latents = latents_from_moments(batch["latent_mean"], batch["latent_logvar"], k_latent, modules.vae_config)
+        context, pooled = batch["text_context"], batch.get("text_pooled")
+        features = cached_image_features(batch["image_features"], batch["drop_image"], frozen["image_uncond"])
+    else:
+        latents = encode_latents(modules, frozen, batch["pixels"], k_latent)
+        context, pooled = encode_text(modules, frozen, batch["input_ids"], batch.get("input_ids_2"))
+        features = encode_image_prompt(modules, frozen, batch["clip_pixels"], batch["drop_image"],
+                                       settings.projection.uses_hidden_states)
     added = None
     if modules.is_sdxl:
-        added = {"text_embeds": text.pooled,
+        added = {"text_embeds": pooled,
                  "time_ids": sdxl_time_ids(batch["original_size"], batch["crop_top_left"], settings.resolution)}
     return {
         "noisy": add_noise(schedule, latents, noise, t),
         "target": training_target(schedule, latents, noise, t),
         "t": t,
-        "context": text.context,
+        "context": context,
         "added": added,
-        "features": encode_image_prompt(modules, frozen, batch["clip_pixels"], batch["drop_image"],
-                                        settings.projection.uses_hidden_states),
+        "features": features,
     }
 
 
@@ -146,7 +164,7 @@ def make_train_step(modules: FrozenModules, tx: optax.GradientTransformation, lr
 
     def train_step(state: TrainState, frozen: dict, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(rng, state.step)
-        batch = {k: batch[k] for k in batch_keys(modules)}
+        batch = {k: batch[k] for k in batch_keys(modules, settings.cached_latents)}
         n = settings.grad_accum_steps
         if n == 1:
             loss, grads = loss_and_grads(state.params, frozen, batch, rng)
@@ -188,7 +206,7 @@ def make_eval_loss(modules: FrozenModules, settings: StepSettings):
     ``batch["drop_image"]`` decides which examples see their image."""
 
     def eval_loss(params: dict, frozen: dict, batch: dict, rng: jax.Array) -> jax.Array:
-        batch = {k: batch[k] for k in batch_keys(modules)}
+        batch = {k: batch[k] for k in batch_keys(modules, settings.cached_latents)}
         encoded = encode_batch(modules, frozen, batch, rng, settings)
         return per_example_loss(params, modules, frozen, encoded, settings)
 

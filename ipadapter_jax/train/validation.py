@@ -41,7 +41,7 @@ def validation_examples(setup) -> list[Example]:
         for path in cfg.images:
             examples.append(processor.process(Path(path).read_bytes(), "", str(path)))
         return examples
-    for sample in iter_shard_samples(expand_shard_spec(setup.shards)[0]):
+    for sample in iter_shard_samples(expand_shard_spec(setup.image_shards)[0]):
         data = sample_image_bytes(sample)
         if data is None:
             continue
@@ -52,7 +52,7 @@ def validation_examples(setup) -> list[Example]:
         if len(examples) == cfg.num_images:
             break
     if not examples:
-        raise ValueError(f"no usable validation image in {expand_shard_spec(setup.shards)[0]}")
+        raise ValueError(f"no usable validation image in {expand_shard_spec(setup.image_shards)[0]}")
     return examples
 
 

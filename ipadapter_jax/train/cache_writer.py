@@ -1,0 +1,198 @@
+"""Writing a latent cache (format: ``data.latent_cache``): every source shard of a training config through the
+online path's example processing, then the frozen encoders (jitted, batched over this host's devices).
+
+Each process writes the source shards ``i`` with ``i % process_count == process_index`` (the online source's
+split), one cache shard per source shard, each to a temporary name renamed when complete, so a preempted
+writer re-run with the same arguments continues with the shards it had not finished. Process 0 writes
+``uncond.npz`` and, when its own shards are done, ``manifest.json``; every process writes its
+``counts-*.json``. Unusable samples and broken shards are skipped and counted by the same reasons as online.
+
+A cached random crop is drawn once per image (the online path draws a new one every epoch), so caches are
+normally written with centre crops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ipadapter_jax.data.counters import SampleCounters
+from ipadapter_jax.data.examples import Example, ExampleProcessor
+from ipadapter_jax.data.latent_cache import (FORMAT, MANIFEST_NAME, STORAGE_DTYPES, UNCOND_NAME, counts_name,
+                                             npy_bytes, shard_name, write_json_atomic, write_uncond)
+from ipadapter_jax.data.shards import expand_shard_spec, resolve_process
+from ipadapter_jax.data.tar_samples import ShardError, iter_shard_samples
+from ipadapter_jax.data.tokenize import CaptionTokenizer
+from ipadapter_jax.data.webdataset_source import _process_raw
+from ipadapter_jax.train.cache_encoding import encode_uncond, encoder_params, make_cache_encoder
+from ipadapter_jax.train.cache_manifest import cache_identity
+from ipadapter_jax.train.cached_batch import FLOAT_KEYS
+from ipadapter_jax.train.frozen import load_frozen_models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CacheSummary:
+    out_dir: Path
+    shards_written: list[str]  # this process's shards written now
+    shards_reused: list[str]  # this process's shards found complete from an earlier run
+    counters: dict  # this process's sample counters (SampleCounters.to_dict)
+
+
+class _ShardEncoder:
+    """Batches processed examples of one shard, encodes them and writes the cache shard."""
+
+    def __init__(self, modules, params, batch_size: int, uses_hidden: bool, storage_dtype: str):
+        devices = jax.local_devices()
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)  # a multiple of the local devices
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        self._params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        self._encode = make_cache_encoder(modules, uses_hidden)
+        self._tokenizer = CaptionTokenizer(modules.tokenizer_dir, max_length=modules.text_length)
+        self._tokenizer_2 = (CaptionTokenizer(modules.tokenizer_2_dir, max_length=modules.text_length)
+                             if modules.tokenizer_2_dir else None)
+        self._sdxl = modules.is_sdxl
+        self._storage = np.dtype(storage_dtype)
+
+    def encode(self, examples: list[Example]) -> list[dict[str, bytes]]:
+        n = len(examples)
+        padded = examples + [examples[-1]] * (self.batch_size - n)  # one compiled shape for every batch
+        captions = [e.caption for e in padded]
+        batch = {"pixels": np.stack([e.pixels for e in padded]),
+                 "clip_pixels": np.stack([e.clip_pixels for e in padded]),
+                 "input_ids": self._tokenizer(captions)}
+        if self._tokenizer_2 is not None:
+            batch["input_ids_2"] = self._tokenizer_2(captions)
+        out = jax.device_get(self._encode(self._params, jax.device_put(batch, self._batch_sharding)))
+        members = []
+        for i, example in enumerate(examples):
+            sample = {f"{k}.npy": npy_bytes(np.asarray(v[i]).astype(self._storage if k in FLOAT_KEYS else v.dtype))
+                      for k, v in out.items()}
+            if self._sdxl:
+                sample["original_size.npy"] = npy_bytes(np.asarray(example.original_size, np.int32))
+                sample["crop_top_left.npy"] = npy_bytes(np.asarray(example.crop_top_left, np.int32))
+            sample["txt"] = example.caption.encode("utf-8")
+            members.append(sample)
+        return members
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(url: str, index: int, out: Path, encoder: _ShardEncoder, processor: ExampleProcessor,
+                 caption_field: str | None, seed: int) -> SampleCounters:
+    counters = SampleCounters()
+    tmp = out.with_name(f".{out.name}.tmp")
+    pending: list[Example] = []
+    with tarfile.open(tmp, "w") as tar:
+
+        def flush():
+            for example, sample in zip(pending, encoder.encode(pending)):
+                for ext, data in sample.items():
+                    _add_member(tar, f"{example.key}.{ext}", data)
+            pending.clear()
+
+        position = 0
+        try:
+            with contextlib.closing(iter_shard_samples(url)) as samples:
+                for sample in samples:
+                    rng = np.random.default_rng(np.random.SeedSequence([seed, index, position, 0x5EED]))
+                    position += 1
+                    result = _process_raw(processor, caption_field, sample, rng)
+                    if isinstance(result, str):
+                        counters.skip(result)
+                        continue
+                    counters.used += 1
+                    counters.convert(result.conversion)
+                    pending.append(result)
+                    if len(pending) == encoder.batch_size:
+                        flush()
+        except ShardError as exc:
+            counters.skip(exc.reason)
+            logger.warning("skipping the rest of a shard: %s", exc)
+        if pending:
+            flush()
+    counters.shards_finished += 1
+    write_json_atomic(out.with_suffix(".json"), counters.to_dict())
+    tmp.replace(out)
+    return counters
+
+
+def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0, storage_dtype: str = "float32",
+                       process_index: int | None = None, process_count: int | None = None) -> CacheSummary:
+    """Encode ``config``'s training data (a ``TrainConfig``) into a latent cache in the local folder ``out_dir``
+    (a mounted bucket works). ``batch_size``: examples per encoder call on this host (0: the config's batch
+    size); ``storage_dtype``: float32 or float16 for the float members."""
+    from ipadapter_jax.train.setup import tiny_world_paths
+
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype={storage_dtype!r}: choose one of {STORAGE_DTYPES}")
+    process_index, process_count = resolve_process(process_index, process_count)
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, source = tiny_world_paths(config, out_dir)
+    frozen_models = load_frozen_models(model_dir, config.model.image_encoder_dir or None,
+                                       compute_dtype=config.model.compute_dtype,
+                                       attention_implementation=config.model.attention_implementation)
+    modules = frozen_models.modules
+    uses_hidden = config.adapter.variant == "plus"
+    params = encoder_params(frozen_models.params_in(config.model.compute_dtype))
+    urls = expand_shard_spec(source)
+    if process_index == 0:
+        empty_2 = (CaptionTokenizer(modules.tokenizer_2_dir, modules.text_length).empty_ids
+                   if modules.tokenizer_2_dir else None)
+        empty = CaptionTokenizer(modules.tokenizer_dir, modules.text_length).empty_ids
+        write_uncond(out_dir / UNCOND_NAME, encode_uncond(modules, params, empty, empty_2, uses_hidden))
+
+    encoder = _ShardEncoder(modules, params, batch_size or config.batch_size, uses_hidden, storage_dtype)
+    processor = ExampleProcessor(config.data.resolution, clip_config=modules.clip_image_config,
+                                 random_crop=config.data.random_crop)
+    summary = CacheSummary(out_dir, [], [], {})
+    total = SampleCounters()
+    for index in range(process_index, len(urls), process_count):
+        out = out_dir / shard_name(index)
+        if out.is_file() and out.with_suffix(".json").is_file():
+            counters = SampleCounters.from_dict(json.loads(out.with_suffix(".json").read_text()))
+            summary.shards_reused.append(out.name)
+        else:
+            counters = _write_shard(urls[index], index, out, encoder, processor, config.data.caption_field or None,
+                                    config.seed)
+            summary.shards_written.append(out.name)
+            logger.info("%s <- %s: %d samples, skipped %s", out.name, urls[index], counters.used, counters.skipped)
+        _merge(total, counters)
+    summary.counters = total.to_dict()
+    write_json_atomic(out_dir / counts_name(process_index, process_count), summary.counters)
+    if process_index == 0:
+        manifest = {"format": FORMAT, **cache_identity(config, model_dir, modules), "model_dir": str(model_dir),
+                    "image_encoder_dir": config.model.image_encoder_dir or str(model_dir / "image_encoder"),
+                    "source_shards": source if isinstance(source, str) else list(source),
+                    "shards": [shard_name(i) for i in range(len(urls))], "random_crop": config.data.random_crop,
+                    "caption_field": config.data.caption_field, "encode_dtype": config.model.compute_dtype,
+                    "storage_dtype": storage_dtype, "process_count": process_count,
+                    "counts": [counts_name(i, process_count) for i in range(process_count)]}
+        write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    return summary
+
+
+def _merge(total: SampleCounters, part: SampleCounters) -> None:
+    for reason, n in part.skipped.items():
+        total.skip(reason, n)
+    for kind, n in part.converted.items():
+        total.converted[kind] = total.converted.get(kind, 0) + n
+    total.used += part.used
+    total.shards_finished += part.shards_finished
