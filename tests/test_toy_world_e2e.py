@@ -45,8 +45,8 @@ def test_shards_train_export_sample_evaluate(tmp_path):
     from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
 
     workdir = tmp_path / "workdir"
-    config = _default_config(num_steps=8, log__every_steps=4, checkpoint__every_steps=8, validation__every_steps=8,
-                             validation__num_inference_steps=2, log__progress_bar=False)
+    config = _default_config(num_steps=8, optimizer__warmup_steps=2, log__every_steps=4, checkpoint__every_steps=8,
+                             validation__every_steps=8, validation__num_inference_steps=2, log__progress_bar=False)
     result = train(config, workdir)
     assert result.step == 8 and not result.preempted
     assert list(workdir.rglob("*.tar")), "the toy shards are written into the workdir"
