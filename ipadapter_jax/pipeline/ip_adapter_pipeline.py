@@ -20,16 +20,23 @@ from ipadapter_jax.pipeline.components import BaseModel, ImageEncoder, load_base
 from ipadapter_jax.pipeline.conditioning import as_image_list, encode_image_prompt, encode_text, pil_or_array
 from ipadapter_jax.pipeline.denoise import generate
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
+from ipadapter_jax.weights.remote_files import is_url, local_file, local_folder
+from ipadapter_jax.weights.safetensors_io import WeightFileError
 
 PathLike = str | os.PathLike
 
 
-def _find_image_encoder(sd_dir: Path, adapter_paths: Sequence[Path]) -> Path | None:
+def _find_image_encoder(sd_dir: Path, adapter_paths: Sequence[Path], adapter_urls: Sequence[str] = ()) -> Path | None:
     """Where published layouts keep it: ``<sd_dir>/image_encoder`` or ``image_encoder/`` beside the adapter
     file (h94's ``models/image_encoder``)."""
     for candidate in [sd_dir / "image_encoder"] + [p.parent / "image_encoder" for p in adapter_paths]:
         if (candidate / "config.json").is_file():
             return candidate
+    for adapter in adapter_urls:  # beside an adapter at a URL: copied only when it is there
+        try:
+            return local_folder(adapter.rsplit("/", 1)[0] + "/image_encoder")
+        except WeightFileError:
+            continue
     return None
 
 
@@ -59,14 +66,17 @@ class IPAdapterPipeline:
         ``tokenizer/``, ``scheduler/``, and for SDXL ``text_encoder_2/``, ``tokenizer_2/``). ``ip_adapter``:
         one published-layout file or a list. ``image_encoder``: a transformers CLIPVisionModelWithProjection
         folder (found beside the adapter or in ``sd_dir`` when omitted). ``dtype``: "float32" or "bfloat16"."""
-        sd_dir = Path(sd_dir)
-        paths = [] if ip_adapter is None else [Path(p) for p in (
-            [ip_adapter] if isinstance(ip_adapter, (str, os.PathLike)) else ip_adapter)]
+        # gs:// and other URLs: cached local copies (see weights/remote_files.py).
+        sd_dir = local_folder(sd_dir)
+        specs = [] if ip_adapter is None else list(
+            [ip_adapter] if isinstance(ip_adapter, (str, os.PathLike)) else ip_adapter)
+        paths = [local_file(p) for p in specs]
         base = load_base_model(sd_dir, dtype)
         adapters = [load_ip_adapter(p) for p in paths]
         encoder = None
         if adapters:
-            folder = Path(image_encoder) if image_encoder is not None else _find_image_encoder(sd_dir, paths)
+            folder = local_folder(image_encoder) if image_encoder is not None else _find_image_encoder(
+                sd_dir, paths, [str(p) for p in specs if is_url(p)])
             if folder is None:
                 raise FileNotFoundError("no image encoder: pass image_encoder=DIR (a CLIPVisionModelWithProjection "
                                         "folder), or put it in <sd_dir>/image_encoder")

@@ -19,16 +19,17 @@ import numpy as np
 from ipadapter_jax.data.latent_cache import (CacheError, cache_url, model_fingerprint, read_counts,
                                              read_manifest, read_uncond)
 from ipadapter_jax.train.cached_batch import cached_example_shapes, image_feature_shape
+from ipadapter_jax.weights.remote_files import local_folder
 
 logger = logging.getLogger(__name__)
 
 
 def encoder_folders(model_dir: Path, image_encoder_dir: str, is_sdxl: bool) -> dict[str, Path]:
     """The folders whose contents determine the cached tensors."""
-    model_dir = Path(model_dir)
+    model_dir = local_folder(model_dir)
     names = ["vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if is_sdxl else [])
     folders = {name: model_dir / name for name in names}
-    folders["image_encoder"] = Path(image_encoder_dir) if image_encoder_dir else model_dir / "image_encoder"
+    folders["image_encoder"] = local_folder(image_encoder_dir) if image_encoder_dir else model_dir / "image_encoder"
     return folders
 
 

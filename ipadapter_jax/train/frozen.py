@@ -31,6 +31,7 @@ from ipadapter_jax.weights.load_clip import build_clip_text_encoder, build_clip_
 from ipadapter_jax.weights.load_clip import load_clip_text_encoder, load_clip_vision_encoder
 from ipadapter_jax.weights.load_unet import WEIGHTS_NAME, unet_param_shapes
 from ipadapter_jax.weights.load_vae import rename_legacy_attention_keys, vae_param_shapes
+from ipadapter_jax.weights.remote_files import local_folder
 from ipadapter_jax.weights.safetensors_io import WeightFileError, read_json, read_model_folder
 from ipadapter_jax.weights.torch_layout import torch_to_flax
 
@@ -118,8 +119,8 @@ def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | No
                        compute_dtype: Any = jnp.bfloat16, attention_implementation: str = "xla",
                        remat: bool = False) -> FrozenModels:
     """Read every frozen model of ``model_dir`` (see module docstring) into float32 host arrays."""
-    model_dir = Path(model_dir)
-    image_encoder_dir = Path(image_encoder_dir) if image_encoder_dir else model_dir / "image_encoder"
+    model_dir = local_folder(model_dir)  # gs:// and other URLs: a cached local copy
+    image_encoder_dir = local_folder(image_encoder_dir) if image_encoder_dir else model_dir / "image_encoder"
     if not model_dir.is_dir():
         raise WeightFileError(f"model_dir {model_dir}: no such folder")
     dtype = jnp.dtype(compute_dtype)

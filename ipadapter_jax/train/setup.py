@@ -27,6 +27,7 @@ from ipadapter_jax.train.state import (TrainState, cross_attention_kv, make_opti
                                        state_shardings)
 from ipadapter_jax.train.step import StepSettings, abstract_batch, batch_keys, make_train_step
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
+from ipadapter_jax.weights.remote_files import local_folder
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def tiny_world_paths(config: TrainConfig, workdir: Path) -> tuple[Path, str]:
     world (model and its shards) in ``WORKDIR/tiny_world``; with a model but no data, the toy world's shapes
     shards (``ipadapter_jax.toy.shapes_dataset``, what the shipped toy base was trained on) in
     ``WORKDIR/toy_shards``. Process 0 writes; the others wait for it."""
-    model_dir = Path(config.model.model_dir) if config.model.model_dir else workdir / "tiny_world" / "model"
+    # A gs:// (or other URL) model folder is copied into the local cache once, on every host.
+    model_dir = local_folder(config.model.model_dir) if config.model.model_dir else workdir / "tiny_world" / "model"
     if config.model.model_dir:
         from ipadapter_jax.toy.shapes_dataset import write_shape_shards
 

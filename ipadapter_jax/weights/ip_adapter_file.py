@@ -147,6 +147,9 @@ def load_ip_adapter(path: str | os.PathLike, expect: ProjectionConfig | str | No
     `ProjectionConfig` (e.g. the one a training config describes) makes any other content a
     `WeightFileError` naming what differs.
     """
+    from ipadapter_jax.weights.remote_files import local_file
+
+    path = local_file(path)  # gs:// and other URLs: a cached local copy
     state = read_ip_adapter_state(path)
     projection = detect_projection(state["image_proj"])
     if expect is not None:
