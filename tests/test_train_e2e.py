@@ -38,11 +38,12 @@ def test_run_writes_metrics_checkpoints_exports_and_resumes(world, tmp_path):
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [
         "ip_adapter_00000003.safetensors", "ip_adapter_00000006.safetensors"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    # Validation grids: rows = 2 image prompts, columns = the prompt + scales 0, 0.5, 1; 64px cells.
+    # Validation grids: rows = 2 image prompts, columns = the prompt + scales 0, 0.5, 1; cells of the resolution.
     grids = sorted((tmp_path / "validation").glob("step_*.png"))
     assert [g.name for g in grids] == ["step_00000003.png", "step_00000006.png"]
     grid = np.asarray(Image.open(grids[-1]))
-    assert grid.shape == (2 * 64, 4 * 64, 3) and grid.std() > 0
+    side = config.data.resolution
+    assert grid.shape == (2 * side, 4 * side, 3) and grid.std() > 0
 
     # The exported file is the checkpoint's adapter, and the latest export is the step-6 one.
     latest = adapter_arrays(tmp_path / "ip_adapter.safetensors")

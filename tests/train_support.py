@@ -51,7 +51,6 @@ def tiny_config(world: dict, **overrides):
     c = tiny.get_config()
     c.model.model_dir = world["model"]
     c.data.shards = world["shards"]
-    c.data.resolution = 64  # the tiny world's images (configs/tiny.py trains the 32px toy world)
     c.optimizer.schedule, c.optimizer.warmup_steps = "constant", 0  # short runs: full rate from step 1
     c.validation.every_steps = 0
     c.log.progress_bar = False
