@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import numpy as np
 # Measure the checkout this script lives in, not whichever ipadapter_jax happens to be installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ipadapter_jax.cpu_flags import apply_cpu_flags  # noqa: E402
+from machine import machine_line, versions_line  # noqa: E402
 
 
 def main() -> None:
@@ -94,9 +94,8 @@ def main() -> None:
             cpu_times[name].append(time.process_time() - c0)
     best = {k: min(v) for k, v in timings.items()}
     rate = {k: args.batch / v for k, v in best.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {threads} threads "
-          f"(CPUs {cpus}) for torch and XLA; XLA_FLAGS={xla_flags!r}; load average before {load_before}, "
-          f"after {os.getloadavg()[0]:.1f}")
+    print(machine_line(cpus, xla_flags, load_before))
+    print(versions_line())
     print(f"work: batch {args.batch}, {args.size}x{args.size}px, {args.steps} DDIM steps, CFG 7.5, plain IP-Adapter")
     print(f"max |ours - diffusers| pixel difference: {np.abs(first_ours - first_theirs).max():.2e}")
     print(f"ours: first call (compile + run) {compile_s:.1f}s")

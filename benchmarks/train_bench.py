@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ipadapter_jax.cpu_flags import apply_cpu_flags
+    from machine import machine_line, versions_line
 
     xla_flags = apply_cpu_flags()
     from ipadapter_jax.train import tiny_world
@@ -77,9 +77,8 @@ def main(argv=None) -> None:
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     images = args.steps * args.batch
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {threads} threads "
-          f"(CPUs {cpus}) for torch and XLA; XLA_FLAGS={xla_flags!r}; load average before {load_before}, "
-          f"after {os.getloadavg()[0]:.1f}")
+    print(machine_line(cpus, xla_flags, load_before))
+    print(versions_line())
     print(f"work: model {args.model or 'tiny'} ({model}), {args.variant} adapter, batch {args.batch}, "
           f"{args.resolution}px, {args.dtype}; {args.repeats} chunks of {args.steps} steps each, alternating")
     for name, label in (("ours", "ipadapter_jax"), ("torch", "PyTorch")):
