@@ -13,8 +13,9 @@ AdamW over the adapter parameters only. Same model, batch, resolution and thread
 The two sides are timed in alternating chunks of ``--steps`` steps (``--repeats`` chunks each), so drift in
 machine load hits both alike; the best chunk of each gives images/s, by wall clock and by process CPU time.
 This is a benchmark, not a test: it prints numbers and asserts nothing. On a CPU shared with other jobs use
-``--threads 1``: PyTorch's OpenMP pool slows down many times over when its threads are oversubscribed, and on
-one thread CPU time does not count time spent descheduled.
+``--threads 1``: on one thread CPU time does not count time spent descheduled. PyTorch's OpenMP threads sleep
+rather than spin while waiting (``OMP_WAIT_POLICY=PASSIVE``; ``--torch-spin`` keeps torch's default), since
+spinning threads slow it down many times over when the machine is oversubscribed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine_line, set_torch_wait_policy, versions_line
 
 
 def parse_args(argv=None):
@@ -39,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per chunk")
     p.add_argument("--repeats", type=int, default=3, help="timed chunks per framework, alternating")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warmup)")
+    p.add_argument("--torch-spin", action="store_true",
+                   help="leave OMP_WAIT_POLICY unset: torch's OpenMP threads spin between ops (its default)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPUs for both frameworks (default: all this process may use)")
     return p.parse_args(argv)
@@ -47,6 +52,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))[:args.threads]
+    set_torch_wait_policy(spin=args.torch_spin)  # before torch starts OpenMP
     os.sched_setaffinity(0, cpus)  # before either framework starts its thread pool: XLA sizes it from this mask
     threads = len(cpus)
     import torch
@@ -54,7 +60,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ipadapter_jax.cpu_flags import apply_cpu_flags
-    from machine import machine_line, versions_line
 
     xla_flags = apply_cpu_flags()
     from ipadapter_jax.train import tiny_world
