@@ -9,16 +9,16 @@ excluded and reported separately.
 
 ``--threads N`` restricts the process to its first N CPUs: XLA sizes its thread pool from the affinity mask
 and torch gets ``set_num_threads(N)``, so both use the same threads. On a machine shared with other jobs,
-``--threads 1`` gives the steadier comparison (torch's OpenMP threads slow down many times over when
-oversubscribed); the process CPU time per run is printed too, and on one thread it does not count time spent
-descheduled.
+``--threads 1`` gives the steadier comparison; the process CPU time per run is printed too, and on one thread
+it does not count time spent descheduled. torch's OpenMP threads are set to sleep rather than spin while
+waiting (``OMP_WAIT_POLICY=PASSIVE``, see ``machine.set_torch_wait_policy``; ``--torch-spin`` leaves torch's
+default): spinning threads slow torch down many times over on an oversubscribed machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +29,7 @@ import numpy as np
 # Measure the checkout this script lives in, not whichever ipadapter_jax happens to be installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ipadapter_jax.cpu_flags import apply_cpu_flags  # noqa: E402
+from machine import machine_line, set_torch_wait_policy, versions_line  # noqa: E402
 
 
 def main() -> None:
@@ -37,12 +38,15 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--torch-spin", action="store_true",
+                   help="leave OMP_WAIT_POLICY unset: torch's OpenMP threads spin between ops (its default)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPUs for both frameworks (default: all this process may use)")
     p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS after our CPU defaults (later wins)")
     p.add_argument("--no-default-flags", action="store_true", help="leave out ipadapter_jax.cpu_flags defaults")
     args = p.parse_args()
     cpus = sorted(os.sched_getaffinity(0))[:args.threads]
+    set_torch_wait_policy(spin=args.torch_spin)  # before torch starts OpenMP
     os.sched_setaffinity(0, cpus)  # before either framework starts its thread pool
     threads = len(cpus)
     xla_flags = apply_cpu_flags(args.xla_flags, defaults=not args.no_default_flags)
@@ -94,9 +98,8 @@ def main() -> None:
             cpu_times[name].append(time.process_time() - c0)
     best = {k: min(v) for k, v in timings.items()}
     rate = {k: args.batch / v for k, v in best.items()}
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {threads} threads "
-          f"(CPUs {cpus}) for torch and XLA; XLA_FLAGS={xla_flags!r}; load average before {load_before}, "
-          f"after {os.getloadavg()[0]:.1f}")
+    print(machine_line(cpus, xla_flags, load_before))
+    print(versions_line())
     print(f"work: batch {args.batch}, {args.size}x{args.size}px, {args.steps} DDIM steps, CFG 7.5, plain IP-Adapter")
     print(f"max |ours - diffusers| pixel difference: {np.abs(first_ours - first_theirs).max():.2e}")
     print(f"ours: first call (compile + run) {compile_s:.1f}s")

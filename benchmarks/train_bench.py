@@ -6,11 +6,16 @@ with ``_load_ip_adapter_weights`` from the same adapter file), MSE loss, backwar
 AdamW over the adapter parameters only. Same model, batch, resolution and thread count.
 
     python benchmarks/train_bench.py                     # the tiny world (written to a cache folder), CPU
+    python benchmarks/train_bench.py --model bench --resolution 128 --batch 2   # sample_bench.py's model
     python benchmarks/train_bench.py --model /models/stable-diffusion-v1-5 \\
         --image-encoder /models/IP-Adapter/models/image_encoder --resolution 512 --batch 4 --dtype bfloat16
 
+The two sides are timed in alternating chunks of ``--steps`` steps (``--repeats`` chunks each), so drift in
+machine load hits both alike; the best chunk of each gives images/s, by wall clock and by process CPU time.
 This is a benchmark, not a test: it prints numbers and asserts nothing. On a CPU shared with other jobs use
-``--threads 1``: PyTorch's OpenMP pool slows down many times over when its threads are oversubscribed.
+``--threads 1``: on one thread CPU time does not count time spent descheduled. PyTorch's OpenMP threads sleep
+rather than spin while waiting (``OMP_WAIT_POLICY=PASSIVE``; ``--torch-spin`` keeps torch's default), since
+spinning threads slow it down many times over when the machine is oversubscribed.
 """
 
 from __future__ import annotations
@@ -22,42 +27,84 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine_line, set_torch_wait_policy, versions_line
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="diffusers SD folder; default: the tiny world")
+    p.add_argument("--model", default="", help="diffusers SD folder; default: the tiny world; 'bench': the random "
+                   "SD1.5-layout model of sample_bench.py")
     p.add_argument("--image-encoder", default="", help="CLIPVisionModelWithProjection folder (default model/image_encoder)")
     p.add_argument("--variant", default="plain", choices=["plain", "plus"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="frozen weights' dtype")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per chunk")
+    p.add_argument("--repeats", type=int, default=3, help="timed chunks per framework, alternating")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator warmup)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both frameworks")
+    p.add_argument("--torch-spin", action="store_true",
+                   help="leave OMP_WAIT_POLICY unset: torch's OpenMP threads spin between ops (its default)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="CPUs for both frameworks (default: all this process may use)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # Thread limits must be set before jax / torch start their pools.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}")
+    cpus = sorted(os.sched_getaffinity(0))[:args.threads]
+    set_torch_wait_policy(spin=args.torch_spin)  # before torch starts OpenMP
+    os.sched_setaffinity(0, cpus)  # before either framework starts its thread pool: XLA sizes it from this mask
+    threads = len(cpus)
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ipadapter_jax.cpu_flags import apply_cpu_flags
+
+    xla_flags = apply_cpu_flags()
     from ipadapter_jax.train import tiny_world
 
-    model = Path(args.model) if args.model else tiny_world.write_tiny_model(
-        Path(tempfile.gettempdir()) / "ipadapter_jax_bench" / "tiny_model")
+    cache = Path(tempfile.gettempdir()) / "ipadapter_jax_bench"
+    if args.model == "bench":
+        model = _bench_model(cache / "bench_model")
+    else:
+        model = Path(args.model) if args.model else tiny_world.write_tiny_model(cache / "tiny_model")
     image_encoder = Path(args.image_encoder) if args.image_encoder else model / "image_encoder"
-    adapter_file, batch, ours = time_ours(args, model, image_encoder)
-    theirs = time_torch(args, model, image_encoder, adapter_file, batch)
-    print(f"model {model}, {args.variant} adapter, batch {args.batch}, {args.resolution}px, {args.dtype}, "
-          f"{args.threads} threads")
-    print(f"ipadapter_jax  {ours:8.2f} images/s")
-    print(f"PyTorch        {theirs:8.2f} images/s")
-    print(f"ratio          {ours / theirs:8.2f}x")
+    adapter_file, batch, run_ours = make_ours(args, model, image_encoder)
+    run_theirs = make_torch(args, model, image_encoder, adapter_file, batch)
+    load_before = f"{os.getloadavg()[0]:.1f}"
+    wall = {"ours": [], "torch": []}
+    cpu = {"ours": [], "torch": []}
+    for _ in range(args.repeats):  # alternating chunks, so drift in machine load hits both alike
+        for name, fn in (("ours", run_ours), ("torch", run_theirs)):
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn(args.steps)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    images = args.steps * args.batch
+    print(machine_line(cpus, xla_flags, load_before))
+    print(versions_line())
+    print(f"work: model {args.model or 'tiny'} ({model}), {args.variant} adapter, batch {args.batch}, "
+          f"{args.resolution}px, {args.dtype}; {args.repeats} chunks of {args.steps} steps each, alternating")
+    for name, label in (("ours", "ipadapter_jax"), ("torch", "PyTorch")):
+        print(f"{label:14s} {images / min(wall[name]):8.2f} images/s (best chunk, wall); "
+              f"{images / min(cpu[name]):8.2f} images/CPU-s (best chunk, CPU time)")
+    print("every chunk, wall (s): " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in wall.items()))
+    print("every chunk, CPU (s):  " + "; ".join(f"{k} " + ", ".join(f"{t:.2f}" for t in v) for k, v in cpu.items()))
+    if threads == 1:
+        print(f"ratio by best CPU time (1 thread): {min(cpu['torch']) / min(cpu['ours']):.2f}x")
+    print(f"ratio ours/PyTorch: {min(wall['torch']) / min(wall['ours']):.2f}x")
+
+
+def _bench_model(folder: Path) -> Path:
+    """sample_bench.py's random SD1.5-layout model (diffusers layout), written once into ``folder``."""
+    from ipadapter_jax.testing.reference_pipelines import build_pipeline_dir
+
+    done = folder / "sd" / "model_index.json"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        build_pipeline_dir("sd", folder, size="bench")
+    return done.parent
 
 
 def _projection(args, modules):
@@ -86,8 +133,9 @@ def _batch(args, modules):
     return batch
 
 
-def time_ours(args, model: Path, image_encoder: Path):
-    """``(adapter file, numpy batch, images/s)``: the adapter and batch are handed to the PyTorch side."""
+def make_ours(args, model: Path, image_encoder: Path):
+    """``(adapter file, numpy batch, run(n))``: ``run(n)`` takes n train steps and blocks until they are done;
+    the adapter and batch are handed to the PyTorch side."""
     import jax
     import jax.numpy as jnp
 
@@ -112,17 +160,18 @@ def time_ours(args, model: Path, image_encoder: Path):
     batch_np = _batch(args, modules)
     batch = jax.tree.map(jnp.asarray, batch_np)
     rng = jax.random.key(1)
-    for _ in range(args.warmup):
-        state, metrics = step(state, frozen, batch, rng)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = step(state, frozen, batch, rng)
-    jax.block_until_ready(metrics)
-    return adapter_file, batch_np, args.steps * args.batch / (time.perf_counter() - start)
+    def run(n: int) -> None:
+        nonlocal state
+        for _ in range(n):
+            state, metrics = step(state, frozen, batch, rng)
+        jax.block_until_ready(metrics)
+
+    run(args.warmup)
+    return adapter_file, batch_np, run
 
 
-def time_torch(args, model: Path, image_encoder: Path, adapter_file: Path, batch_np: dict) -> float:
+def make_torch(args, model: Path, image_encoder: Path, adapter_file: Path, batch_np: dict):
+    """``run(n)``: n PyTorch reference train steps."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
@@ -184,12 +233,12 @@ def time_torch(args, model: Path, image_encoder: Path, adapter_file: Path, batch
         optimizer.step()
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    return args.steps * args.batch / (time.perf_counter() - start)
+    def run(n: int) -> None:
+        for _ in range(n):
+            step()
+
+    run(args.warmup)
+    return run
 
 
 if __name__ == "__main__":

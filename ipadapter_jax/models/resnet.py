@@ -51,7 +51,8 @@ class ResnetBlock2D(nn.Module):
             h = h * (1 + scale_shift[0]) + scale_shift[1]
         h = conv3x3(self.out_channels, "conv2", self.dtype)(nn.silu(h))
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
+            # Conv2D for its input gradient (conv.py), which training goes through.
+            x = Conv2D(self.out_channels, (1, 1), dtype=self.dtype, name="conv_shortcut")(x)
         return (x + h) / self.output_scale_factor
 
 

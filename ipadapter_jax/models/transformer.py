@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.models.attention import MultiHeadAttention
+from ipadapter_jax.models.conv import Conv2D
 from ipadapter_jax.models.decoupled_cross_attention import DecoupledCrossAttention
 from ipadapter_jax.models.group_norm import GroupNorm
 
@@ -92,7 +93,8 @@ class Transformer2D(nn.Module):
         if self.use_linear_projection:
             y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
         else:
-            y = nn.Conv(inner, (1, 1), dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
+            # Conv2D (same params as nn.Conv) for its input gradient, which training goes through (conv.py).
+            y = Conv2D(inner, (1, 1), dtype=self.dtype, name="proj_in")(y).reshape(b, h * w, inner)
         block_cls = nn.remat(BasicTransformerBlock) if self.remat_blocks else BasicTransformerBlock
         for i in range(self.num_layers):
             y = block_cls(self.heads, self.head_dim, self.upcast_attention, self.attention_implementation,
@@ -100,5 +102,5 @@ class Transformer2D(nn.Module):
         if self.use_linear_projection:
             y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
-            y = nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(y.reshape(b, h, w, inner))
+            y = Conv2D(c, (1, 1), dtype=self.dtype, name="proj_out")(y.reshape(b, h, w, inner))
         return y + x
