@@ -27,9 +27,16 @@ from ipadapter_jax.data.shards import resolve_process
 STATE_FORMAT = "ipadapter_jax.tfds_source/1"
 
 
-def import_tfds():
-    """The ``tensorflow_datasets`` module, or an ImportError that says what to install."""
+def import_tfds(tf_threads: int = 1):
+    """The ``tensorflow_datasets`` module, or an ImportError that says what to install.
+
+    TensorFlow is imported here, never at ``ipadapter_jax`` import time. It is kept off the accelerators
+    (JAX owns them: a TF that reserved GPU memory or a TPU would starve or block the training step) and its
+    op thread pools are kept to ``tf_threads`` so it does not compete with XLA's CPU threads; both settings
+    only take effect before TF's runtime starts, so a TF someone else already started is left as it is.
+    """
     try:
+        import tensorflow as tf
         import tensorflow_datasets as tfds
     except ImportError as exc:
         raise ImportError(
@@ -37,6 +44,16 @@ def import_tfds():
             "tensorflow-cpu); they are optional and not installed. The webdataset source "
             "(ipadapter_jax.data.webdataset_source) needs neither."
         ) from exc
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # runtime already started, or no such device type in this build
+            pass
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(tf_threads)
+        tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
+    except RuntimeError:
+        pass
     return tfds
 
 
@@ -103,11 +120,13 @@ class TfdsSource:
         caption_key: str = "caption",
         seed: int = 0,
         num_epochs: int | None = None,
+        read_threads: int = 1,
         process_index: int | None = None,
         process_count: int | None = None,
         state: dict | None = None,
     ):
         self._tfds = import_tfds()
+        self.read_threads = max(1, int(read_threads))
         self.process_index, self.process_count = resolve_process(process_index, process_count)
         if global_batch_size % self.process_count:
             raise ValueError(
@@ -132,6 +151,8 @@ class TfdsSource:
         return {
             "name": self.name,
             "split": self.split,
+            "image_key": self.image_key,
+            "caption_key": self.caption_key,
             "seed": self.seed,
             "process_index": self.process_index,
             "process_count": self.process_count,
@@ -160,11 +181,17 @@ class TfdsSource:
     def _epoch_elements(self) -> Iterator[dict]:
         tfds = self._tfds
         epoch_seed = int(np.random.SeedSequence([self.seed, self._epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+        import tensorflow as tf  # already imported by import_tfds
+
+        options = tf.data.Options()
+        options.deterministic = True  # the resume skip relies on the same order every time
+        options.threading.private_threadpool_size = self.read_threads
         dataset = self._builder.as_dataset(
             split=self._process_split,
             shuffle_files=True,
-            decoders={self.image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, shuffle_reshuffle_each_iteration=False),
+            decoders=_nested_decoders(self.image_key, tfds.decode.SkipDecoding()),
+            read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, shuffle_reshuffle_each_iteration=False,
+                                        interleave_cycle_length=self.read_threads, options=options),
         )
         if self._taken:
             dataset = dataset.skip(self._taken)
@@ -210,3 +237,25 @@ class TfdsSource:
         self._batches_emitted += 1
         batch["counters"] = self.counters.to_dict()
         return batch
+
+    @property
+    def batches_emitted(self) -> int:
+        return self._batches_emitted
+
+    def close(self) -> None:
+        """Drop the open TF iterator (the next batch would reopen the epoch at the current position)."""
+        self._elements = None
+
+    def __enter__(self) -> "TfdsSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _nested_decoders(path: str, decoder: Any) -> dict:
+    """``{"a": {"b": decoder}}`` for ``"a/b"``: TFDS takes decoders in the features' nesting."""
+    out: Any = decoder
+    for part in reversed(path.split("/")):
+        out = {part: out}
+    return out
