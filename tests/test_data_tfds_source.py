@@ -93,15 +93,16 @@ def test_order_is_deterministic_in_the_seed_and_epochs_reshuffle(data_dir, token
     assert c != a[:GOOD]
 
 
-def test_exact_resume_from_state_across_an_epoch_boundary(data_dir, tokenizer):
+def test_exact_resume_from_state_across_an_epoch_boundary_with_decode_threads(data_dir, tokenizer):
     reference = make_source(data_dir, tokenizer, batch=4, seed=1)
     expected = [next(reference) for _ in range(14)]  # 56 examples: into epoch 1
 
-    first = make_source(data_dir, tokenizer, batch=4, seed=1)
+    # Decoding in threads (the interrupted run) must not change what the inline reference gives.
+    first = make_source(data_dir, tokenizer, batch=4, seed=1, num_decode_threads=2)
     head = [next(first) for _ in range(6)]
     state = first.get_state()
     first.close()
-    resumed = make_source(data_dir, tokenizer, batch=4, seed=1, state=state)
+    resumed = make_source(data_dir, tokenizer, batch=4, seed=1, state=state, num_decode_threads=2)
     tail = [next(resumed) for _ in range(8)]
     assert_batches_equal(head + tail, expected)
     assert resumed.get_state() == reference.get_state()

@@ -53,7 +53,7 @@ def make_source(config: TrainConfig, modules: FrozenModules, shards: str | Seque
 
         kwargs = dict(global_batch_size=config.batch_size, processor=processor, collator=collator, seed=config.seed,
                       split=data.tfds_split, data_dir=data.tfds_data_dir or None, image_key=data.tfds_image_key,
-                      caption_key=data.tfds_caption_key, state=state)
+                      caption_key=data.tfds_caption_key, num_decode_threads=data.decode_threads, state=state)
         kwargs.update(overrides)
         return TfdsSource(data.tfds_name, **kwargs)
     kwargs = dict(global_batch_size=config.batch_size, processor=processor, collator=collator, seed=config.seed,
