@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch_batches = 2  # batches read ahead of the step
     c.data.cache_latents = False  # read VAE moments + text/image encodings from cache_dir (no encoders in the step)
     c.data.cache_dir = ""  # folder written by python -m ipadapter_jax.tools.cache_latents (any URL shards can use)
+    c.data.tfds_name = ""  # prepared TFDS dataset (e.g. "coco_captions") to train from, with data.shards=""; "" = shards
+    c.data.tfds_split = "train"  # TFDS split (slicing allowed: "train[:90%]"); each process reads an even, disjoint part
+    c.data.tfds_data_dir = ""  # TFDS data_dir holding the prepared dataset (gs:// works); "" = TFDS's default
+    c.data.tfds_image_key = "image"  # feature holding the encoded image ("a/b" for nested features)
+    c.data.tfds_caption_key = "caption"  # text feature holding the caption (first one if several)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4  # peak learning rate (the paper's)

@@ -10,11 +10,14 @@ Per-process data: ``tfds.split_for_jax_process(split)`` (even, disjoint slices).
 shuffled with a per-epoch seed f(seed, epoch), records in file order. Resume: the state counts the
 records taken in the current epoch; restoring rebuilds the epoch's dataset and ``skip``s them (the
 records are read again, but images are not decoded).
+
+TensorFlow only reads records here; it is kept off the accelerators and to few threads (see `import_tfds`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -27,9 +30,16 @@ from ipadapter_jax.data.shards import resolve_process
 STATE_FORMAT = "ipadapter_jax.tfds_source/1"
 
 
-def import_tfds():
-    """The ``tensorflow_datasets`` module, or an ImportError that says what to install."""
+def import_tfds(tf_threads: int = 1):
+    """The ``tensorflow_datasets`` module, or an ImportError that says what to install.
+
+    TensorFlow is imported here, never at ``ipadapter_jax`` import time. It is kept off the accelerators
+    (JAX owns them: a TF that reserved GPU memory or a TPU would starve or block the training step) and its
+    op thread pools are kept to ``tf_threads`` so it does not compete with XLA's CPU threads; both settings
+    only take effect before TF's runtime starts, so a TF someone else already started is left as it is.
+    """
     try:
+        import tensorflow as tf
         import tensorflow_datasets as tfds
     except ImportError as exc:
         raise ImportError(
@@ -37,6 +47,16 @@ def import_tfds():
             "tensorflow-cpu); they are optional and not installed. The webdataset source "
             "(ipadapter_jax.data.webdataset_source) needs neither."
         ) from exc
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # runtime already started, or no such device type in this build
+            pass
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(tf_threads)
+        tf.config.threading.set_intra_op_parallelism_threads(tf_threads)
+    except RuntimeError:
+        pass
     return tfds
 
 
@@ -87,7 +107,9 @@ class TfdsSource:
     """Iterator of local batches from a prepared TFDS dataset (``data_dir`` may be ``gs://``).
 
     Args mirror `WebDatasetSource`; ``name`` / ``split`` / ``data_dir`` select the dataset,
-    ``image_key`` / ``caption_key`` the features. Decoding is inline (single-threaded).
+    ``image_key`` / ``caption_key`` the features. ``read_threads``: TensorFlow's threads reading records (and
+    files interleaved); ``num_decode_threads``: threads decoding and cropping images (0 = inline). Neither
+    changes the order.
     """
 
     def __init__(
@@ -103,11 +125,15 @@ class TfdsSource:
         caption_key: str = "caption",
         seed: int = 0,
         num_epochs: int | None = None,
+        read_threads: int = 1,
+        num_decode_threads: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
         state: dict | None = None,
     ):
         self._tfds = import_tfds()
+        self.read_threads = max(1, int(read_threads))
+        self._executor = ThreadPoolExecutor(num_decode_threads) if num_decode_threads > 0 else None
         self.process_index, self.process_count = resolve_process(process_index, process_count)
         if global_batch_size % self.process_count:
             raise ValueError(
@@ -132,6 +158,8 @@ class TfdsSource:
         return {
             "name": self.name,
             "split": self.split,
+            "image_key": self.image_key,
+            "caption_key": self.caption_key,
             "seed": self.seed,
             "process_index": self.process_index,
             "process_count": self.process_count,
@@ -160,11 +188,17 @@ class TfdsSource:
     def _epoch_elements(self) -> Iterator[dict]:
         tfds = self._tfds
         epoch_seed = int(np.random.SeedSequence([self.seed, self._epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+        import tensorflow as tf  # already imported by import_tfds
+
+        options = tf.data.Options()
+        options.deterministic = True  # the resume skip relies on the same order every time
+        options.threading.private_threadpool_size = self.read_threads
         dataset = self._builder.as_dataset(
             split=self._process_split,
             shuffle_files=True,
-            decoders={self.image_key: tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, shuffle_reshuffle_each_iteration=False),
+            decoders=_nested_decoders(self.image_key, tfds.decode.SkipDecoding()),
+            read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, shuffle_reshuffle_each_iteration=False,
+                                        interleave_cycle_length=self.read_threads, options=options),
         )
         if self._taken:
             dataset = dataset.skip(self._taken)
@@ -189,24 +223,68 @@ class TfdsSource:
     def __iter__(self) -> "TfdsSource":
         return self
 
+    def _decode(self, element: dict, epoch: int, index: int) -> Example | str:
+        """Example, or the skip reason, for the ``index``-th record of ``epoch``."""
+        image_bytes, caption, reason = element_image_and_caption(element, self.image_key, self.caption_key)
+        if reason is not None:
+            return reason
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index + 1, 0x5EED]))
+        try:
+            return self.processor.process(image_bytes, caption, f"{epoch}/{index}", rng)
+        except ImageDecodeError as exc:
+            return exc.reason
+
     def __next__(self) -> dict:
         examples: list[Example] = []
         while len(examples) < self.local_batch_size:
-            element = self._next_element()
-            image_bytes, caption, reason = element_image_and_caption(element, self.image_key, self.caption_key)
-            if reason is None:
-                rng = np.random.default_rng(np.random.SeedSequence([self.seed, self._epoch, self._taken, 0x5EED]))
-                try:
-                    example = self.processor.process(image_bytes, caption, f"{self._epoch}/{self._taken - 1}", rng)
-                except ImageDecodeError as exc:
-                    reason = exc.reason
-            if reason is not None:
-                self.counters.skip(reason)
-                continue
-            self.counters.used += 1
-            self.counters.convert(example.conversion)
-            examples.append(example)
+            # Exactly as many records as still missing are read, so the state never runs ahead of the batches;
+            # they are decoded in parallel, and used in read order.
+            read, exhausted = [], False
+            try:
+                for _ in range(self.local_batch_size - len(examples)):
+                    element = self._next_element()
+                    read.append((element, self._epoch, self._taken - 1))
+            except StopIteration:
+                exhausted = True
+            if self._executor is not None:
+                results = list(self._executor.map(lambda r: self._decode(*r), read))
+            else:
+                results = [self._decode(*r) for r in read]
+            for result in results:
+                if isinstance(result, str):
+                    self.counters.skip(result)
+                    continue
+                self.counters.used += 1
+                self.counters.convert(result.conversion)
+                examples.append(result)
+            if exhausted:
+                raise StopIteration
         batch = self.collator(examples, step=self._batches_emitted, process_index=self.process_index)
         self._batches_emitted += 1
         batch["counters"] = self.counters.to_dict()
         return batch
+
+    @property
+    def batches_emitted(self) -> int:
+        return self._batches_emitted
+
+    def close(self) -> None:
+        """Stop the decode threads and drop the open TF iterator."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        self._elements = None
+
+    def __enter__(self) -> "TfdsSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _nested_decoders(path: str, decoder: Any) -> dict:
+    """``{"a": {"b": decoder}}`` for ``"a/b"``: TFDS takes decoders in the features' nesting."""
+    out: Any = decoder
+    for part in reversed(path.split("/")):
+        out = {part: out}
+    return out

@@ -55,6 +55,11 @@ class DataConfig:
     prefetch_batches: int = 2
     cache_latents: bool = False
     cache_dir: str = ""
+    tfds_name: str = ""
+    tfds_split: str = "train"
+    tfds_data_dir: str = ""
+    tfds_image_key: str = "image"
+    tfds_caption_key: str = "caption"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +194,17 @@ class TrainConfig:
         if self.data.cache_latents and not self.data.cache_dir:
             p.append("data.cache_latents is on but data.cache_dir is empty: name the folder written by "
                      "python -m ipadapter_jax.tools.cache_latents")
+        if self.data.tfds_name:
+            if self.data.shards:
+                p.append(f"data.shards={self.data.shards!r} and data.tfds_name={self.data.tfds_name!r} are both set: "
+                         f"train from one source (set data.shards='' to read the TFDS dataset)")
+            if self.data.cache_latents:
+                p.append("data.cache_latents reads the latent cache, not data.tfds_name: turn one of them off")
+            if not (self.data.tfds_split and self.data.tfds_image_key and self.data.tfds_caption_key):
+                p.append("data.tfds_split, data.tfds_image_key and data.tfds_caption_key must not be empty")
+            if self.validation.every_steps and not self.validation.images:
+                p.append("validation takes its image prompts from webdataset shards, which a TFDS run does not "
+                         "have: name image files in validation.images, or set validation.every_steps=0")
         if self.validation.every_steps and self.validation.num_images <= 0 and not self.validation.images:
             p.append("validation is on (validation.every_steps > 0) but validation.num_images is 0")
         return p

@@ -1,4 +1,4 @@
-"""Feeding the train step: this process's webdataset source, prefetched in a thread, assembled into global
+"""Feeding the train step: this process's webdataset (or TFDS, or latent-cache) source, prefetched in a thread, assembled into global
 batches, each paired with the iterator position *after* it, so a checkpoint taken after step N stores
 exactly the position of N consumed batches however far the prefetcher has read ahead.
 """
@@ -32,7 +32,8 @@ class FedBatch(NamedTuple):
 def make_source(config: TrainConfig, modules: FrozenModules, shards: str | Sequence[str],
                 state: dict | None = None, cache: LatentCache | None = None, **overrides: Any) -> WebDatasetSource:
     """This process's training source over ``shards`` (``overrides`` go to ``WebDatasetSource``); with an opened
-    latent ``cache``, a ``CachedSource`` over the cache's shards (``shards`` is then ignored)."""
+    latent ``cache``, a ``CachedSource`` over the cache's shards; with ``data.tfds_name``, a ``TfdsSource`` over
+    that prepared TFDS dataset (``shards`` is ignored in both; TensorFlow is imported only then)."""
     data = config.data
     rates = DropoutRates(text=data.drop_text, image=data.drop_image, both=data.drop_both)
     if cache is not None:
@@ -47,6 +48,14 @@ def make_source(config: TrainConfig, modules: FrozenModules, shards: str | Seque
     collator = BatchCollator(tokenizer, tokenizer_2, rates, dropout_seed=config.seed)
     processor = ExampleProcessor(data.resolution, clip_config=modules.clip_image_config,
                                  random_crop=data.random_crop)
+    if data.tfds_name:
+        from ipadapter_jax.data.tfds_source import TfdsSource
+
+        kwargs = dict(global_batch_size=config.batch_size, processor=processor, collator=collator, seed=config.seed,
+                      split=data.tfds_split, data_dir=data.tfds_data_dir or None, image_key=data.tfds_image_key,
+                      caption_key=data.tfds_caption_key, num_decode_threads=data.decode_threads, state=state)
+        kwargs.update(overrides)
+        return TfdsSource(data.tfds_name, **kwargs)
     kwargs = dict(global_batch_size=config.batch_size, processor=processor, collator=collator, seed=config.seed,
                   shuffle_shards=data.shuffle_shards, caption_json_field=data.caption_field or None,
                   num_decode_threads=data.decode_threads, state=state)
