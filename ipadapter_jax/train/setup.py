@@ -77,15 +77,17 @@ def tiny_world_paths(config: TrainConfig, workdir: Path) -> tuple[Path, str]:
     else:
         write_shape_shards = tiny_world.write_shape_shards
         shards_dir = workdir / "tiny_world" / "shards"
+    # A TFDS run reads no shards (its validation images come from validation.images): none are written.
+    need_shards = not config.data.shards and not config.data.tfds_name
     if jax.process_index() == 0:
         if not config.model.model_dir:
             tiny_world.write_tiny_model(model_dir, seed=config.seed)
-        if not config.data.shards:
+        if need_shards:
             write_shape_shards(shards_dir, seed=config.seed)
-    if not (config.model.model_dir and config.data.shards):
+    if not config.model.model_dir or need_shards:
         wait_for_all_processes("tiny_world_written")
     # On every process: the shard spec (the shards themselves were written above and are reused).
-    shards = config.data.shards or write_shape_shards(shards_dir, seed=config.seed)
+    shards = write_shape_shards(shards_dir, seed=config.seed) if need_shards else config.data.shards
     return model_dir, shards
 
 
@@ -120,7 +122,7 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     logger.info("mesh: data=%d x fsdp=%d over %d devices in %d processes", data, fsdp, jax.device_count(),
                 jax.process_count())
     model_dir, image_shards = tiny_world_paths(config, workdir)
-    if not config.data.cache_latents:
+    if not config.data.cache_latents and not config.data.tfds_name:
         # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
         # processes) must fail now, not after minutes of loading and compiling.
         shards_for_process(image_shards)
