@@ -39,6 +39,8 @@ COVERED_BY = {
     "python3 train.py": ["tests/test_notebook.py::test_quickstart_runs_top_to_bottom",
                          "tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes"],
     "python3 -m pytest -q": [".ci/run: python3 -m pytest -q"],
+    "python3 benchmarks/sample_bench.py": ["tests/test_benchmarks_smoke.py::test_sample_bench_prints_the_ratio"],
+    "python3 benchmarks/train_bench.py": ["tests/test_benchmarks_smoke.py::test_train_bench_prints_the_ratio"],
     'python3 -m pip install -e ".[test]"': ['.ci/run: python3 -m pip install -q -e ".[test]"'],
     'python3 -m pip install -e ".[tpu]"': ["tests/test_readme_commands.py::test_extras_the_readme_installs_exist"],
     "jupyter execute notebooks/quickstart.ipynb": ["tests/test_notebook.py::test_quickstart_runs_top_to_bottom"],
