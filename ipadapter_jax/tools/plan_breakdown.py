@@ -229,9 +229,12 @@ def op_costs(text: str, peak_flops: float, hbm_bandwidth: float) -> list[OpCost]
         flops = sum(f for f, _, _ in inner)
         operand_names = re.findall(r"%([\w.\-]+)", instr.operands)
         nbytes = _array_bytes(instr.shape) + sum(_array_bytes(shapes.get(n, "")) for n in operand_names)
+        declared = re.search(r'"cost_estimate":\{"flops":"(\d+)"[^}]*"bytes_accessed":"(\d+)"', instr.attributes)
+        if declared:  # a Pallas kernel: the FLOPs and bytes its cost estimate declares, as XLA's model takes them
+            flops, nbytes = float(declared.group(1)), float(declared.group(2))
         seconds = max(flops / peak_flops, nbytes / hbm_bandwidth)
         if instr.opcode == "custom-call":
-            kind = "Pallas / custom call"
+            kind = "Pallas kernel (declared cost)" if declared else "custom call"
         elif any(instr.opcode.startswith(c) for c in _COLLECTIVES):
             kind = "collective"
         elif inner:
@@ -266,7 +269,7 @@ def layer_kind(c: OpCost) -> str:
     activations, noise, loss, optimizer)."""
     name = c.op_name.rsplit("/", 2)
     tail = "/".join(name[-2:])
-    if re.search(r"bn\w*,bn\w*->bn", tail):
+    if re.search(r"bn\w*,bn\w*->bn", tail) or "flash_attention" in c.op_name:
         return "attention core (QK^T / softmax / PV)"
     if c.flops and "conv_general_dilated" in tail:
         return "convolutions"
