@@ -36,6 +36,8 @@ ENTRY %main (param.1: bf16[8,64,64,320], param.2: bf16[3,3,320,320], param.3: bf
   %convolution.1 = bf16[8,64,64,320]{3,2,1,0:T(8,128)(2,1)} convolution(%param.1, %param.2), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(train_step)/jvp(UNet2DConditionModel)/down_blocks_0/resnets_0/conv1/conv_general_dilated"}
   %convolution-base-dilated.1 = f32[8,8,4096,4096]{2,3,1,0:T(8,128)} convolution(%param.5, %param.5), window={size=8x8 stride=7x7 lhs_dilate=8x8}, dim_labels=01bf_01oi->01bf, metadata={op_name="jit(train_step)/jvp(UNet2DConditionModel)/down_blocks_0/attentions_0/transformer_blocks_0/attn1/bnqh,bnkh->bnqk/dot_general"}
   %fusion.1 = bf16[8,4096,2560]{2,1,0} fusion(%param.3, %copy-done), kind=kOutput, calls=%fused_dense
+  %flash_attention_forward.1 = (bf16[8,8,4096,40]{3,2,1,0}, f32[8,8,1,4096]{3,2,1,0}) custom-call(%param.5, %param.5, %param.5), custom_call_target="tpu_custom_call", metadata={op_name="jit(train_step)/jvp(UNet2DConditionModel)/down_blocks_0/attentions_0/transformer_blocks_0/attn1/shard_map/flash_attention_forward/pallas_call"}, backend_config={"custom_call_config":{"body":"TUzvUg","cost_estimate":{"flops":"171798691840","transcendentals":"1073741824","bytes_accessed":"378535936","remote_bytes_transferred":"0"}}}
+  %concat-bitcast.1 = bf16[8,4096,320]{2,1,0} custom-call(%param.3), custom_call_target="ConcatBitcast"
   ROOT %fusion.2 = bf16[8,64,64,320]{3,2,1,0} fusion(%convolution.1), kind=kLoop, calls=%fused_norm
 }
 """
@@ -44,7 +46,9 @@ ENTRY %main (param.1: bf16[8,64,64,320], param.2: bf16[3,3,320,320], param.3: bf
 def test_op_costs_by_hand():
     costs = {c.name: c for c in op_costs(HLO, PEAK, HBM)}
     # The async copy (an HBM -> VMEM prefetch overlapping compute) and the parameters are not timed.
-    assert set(costs) == {"convolution.1", "convolution-base-dilated.1", "fusion.1", "fusion.2"}
+    # ConcatBitcast is a zero-cost view (the cost model's -1 s).
+    assert set(costs) == {"convolution.1", "convolution-base-dilated.1", "fusion.1", "fusion.2",
+                          "flash_attention_forward.1"}
     act = 8 * 64 * 64 * 320 * 2
 
     conv = costs["convolution.1"]
@@ -65,6 +69,12 @@ def test_op_costs_by_hand():
     assert dense.flops == 2 * 8 * 4096 * 2560 * 320 and dense.part == "unet forward"
     assert layer_kind(dense) == "dense matmuls (projections, feed-forward)"
 
+    kernel = costs["flash_attention_forward.1"]
+    # A Pallas kernel is timed from the cost estimate it declares, as XLA's cost model does.
+    assert kernel.flops == 171798691840 and kernel.bytes == 378535936
+    assert kernel.kind == "Pallas kernel (declared cost)" and kernel.part == "unet forward"
+    assert layer_kind(kernel) == "attention core (QK^T / softmax / PV)"
+
     norm = costs["fusion.2"]
     # No op_name on the fusion itself: the part comes from its fused computation; backward through transpose.
     assert norm.flops == 0 and norm.bytes == 2 * act and norm.part == "unet backward"
@@ -77,7 +87,8 @@ def test_report_totals():
     total = sum(c.seconds for c in op_costs(HLO, PEAK, HBM))
     assert f"{1e3 * total:.1f} ms" in lines[0]
     assert any(line.startswith("by layer kind") for line in lines)
-    assert len([line for line in lines if "ms  matmul" in line]) == 2
+    top = lines[lines.index("top 2 ops by time:") + 1:]
+    assert len(top) == 2 and "attn1/bnqh,bnkh->bnqk" in top[0]  # the materialised logits lead
 
 
 RECORD = {"command": "python -m ipadapter_jax.tools.tpu_plan --config configs/sd15.py --topology v5e-8 "
