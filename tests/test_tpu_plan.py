@@ -183,3 +183,48 @@ def test_figure_arithmetic():
     assert f.total_bytes == 14 * 2**30 + 2**20 and f.fits
     assert f.images_per_second_per_chip == 8.0
     assert f.mfu == pytest.approx(100 / 197) and f.hfu == pytest.approx(120 / 197)
+
+
+@pytest.mark.parametrize("what", ["train", "sample"])
+def test_model_count_never_lowers_pallas(what):
+    """With ``attention_implementation="pallas"`` the model-FLOPs function (lowered for CPU, where Mosaic
+    kernels cannot lower) must use XLA attention everywhere, the VAE's included: a sampler plan once failed
+    there after its 22-minute TPU compile."""
+    import jax
+    import ml_collections
+
+    from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas")
+    from ipadapter_jax.train.config import TrainConfig
+
+    namespace: dict = {}
+    exec(TINY_CONFIG.format(model_dir="", image_dir=""), namespace)
+    config = namespace["get_config"]()
+    config.model.attention_implementation = "pallas"
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, fsdp_min_size=256))
+    config = TrainConfig.from_config_dict(config)
+    # Token counts above the kernels' threshold, so "pallas" really dispatches to the kernels in the UNet
+    # (64 tokens at 8x8 latents would not): 32x32 latents, VAE attention at 32x32.
+    config = _with_resolution(config, 256)
+    configs = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT, "scheduler": SCHEDULER,
+               "image_encoder": TINY_IMAGE}
+    devices = jax.devices("cpu")[:1]
+    if what == "train":
+        from ipadapter_jax.tools.train_program import train_program
+
+        program = train_program(config, devices, configs, "online")
+    else:
+        from ipadapter_jax.tools.sample_program import sample_program
+
+        program = sample_program(config, devices, configs, 1)
+    with program.model_tracing():
+        assert program.model_flops() > 0
+    # The program as it runs does take the kernels: lowering it for CPU fails on them.
+    with pytest.raises(Exception, match="interpret"):
+        with program.tracing():
+            program.jitted.trace(*program.args).lower(lowering_platforms=("cpu",))
+
+
+def _with_resolution(config, resolution: int):
+    import dataclasses
+
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=resolution))

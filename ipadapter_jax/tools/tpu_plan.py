@@ -94,16 +94,18 @@ def plan(config: Any, topology_name: str, what: str = "train", latents: str = "o
         program = sample_program(config, devices, configs, sample_batch or topology.num_chips)
     for line in program.description:
         log(line)
+    flops = None
+    if with_model_flops:
+        # Before the long compile: the model count lowers the program again (XLA attention, for CPU), and
+        # an error there should not cost a finished compile.
+        with program.model_tracing():
+            flops = program.model_flops()
     start = time.time()
     with program.tracing():
         compiled = program.jitted.lower(*program.args).compile()
     log(f"compiled for {topology.name} ({topology.num_chips} x {kind}) in {time.time() - start:.0f} s")
     if hlo_path:
         Path(hlo_path).write_text(compiled.as_text())
-    flops = None
-    if with_model_flops:
-        with program.model_tracing():
-            flops = program.model_flops()
     figures = figures_from_compiled(compiled, topology, kind, program.images_per_step, flops)
     if program.repeat_count:
         with program.tracing():
