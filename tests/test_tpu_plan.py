@@ -84,10 +84,10 @@ def _run_plan(config: Path, out: Path, topology: str, *extra: str, expect_ok: bo
     return json.loads(out.read_text()), proc.stdout
 
 
-def _check_common(record: dict, stdout: str, topology: str, chips: int) -> None:
+def _check_common(record: dict, stdout: str, topology: str, chips: int, may_be_zero: tuple = ()) -> None:
     assert record["topology"] == topology and record["num_chips"] == chips
     for key in ("argument_bytes", "temp_bytes", "output_bytes", "total_bytes", "compiled_flops", "model_flops"):
-        assert record[key] > 0, key
+        assert record[key] >= 0 if key in may_be_zero else record[key] > 0, key
     assert record["total_bytes"] == (record["argument_bytes"] + record["output_bytes"] - record["alias_bytes"]
                                      + record["temp_bytes"] + record["code_bytes"])
     assert record["mesh"] == {"data": chips // 2, "fsdp": 2}
@@ -138,7 +138,9 @@ def test_plan_on_tpu_topology(tiny_config, tmp_path):
         return
     record, stdout = _run_plan(tiny_config, tmp_path / "plan.json", "v5e-4", "--config.model.compute_dtype=bfloat16")
     print("PLAN PATH: tpu (libtpu compile for v5e-4)", {k: record[k] for k in ("total_bytes", "step_seconds", "mfu")})
-    _check_common(record, stdout, "v5e-4", 4)
+    # libtpu (as bundled for jax 0.10.2) reports 0 temporary HBM bytes for this tiny bf16 step; the full-size
+    # plans report gigabytes.
+    _check_common(record, stdout, "v5e-4", 4, may_be_zero=("temp_bytes",))
     assert record["device_kind"] == "TPU v5 lite"
     assert record["hbm_capacity_bytes"] == 16 * 2**30 and record["fits"]
     assert record["step_seconds"] > 0 and 0 < record["mfu"] < 1 and record["images_per_second_per_chip"] > 0
