@@ -9,7 +9,8 @@ every top-level op of the entry computation (a fusion, a convolution, a custom c
   - bytes: its operands' and outputs' sizes (what it reads from and writes to HBM);
   - time: the roofline max(FLOPs / peak, bytes / HBM bandwidth).
 It is an approximation of the compiler's own model (which also weighs transcendentals, layouts and
-fusion-internal reuse), so its total is printed next to nothing else: compare it with the plan's step time.
+fusion-internal reuse, and tile padding of narrow minor dimensions), so compare its total with the plan's step
+time (SD1.5 plans: 18-28% below it) before reading its shares as the compiler's.
 Ops are grouped by kind (FLOP-bound matmul, HBM-bound matmul, elementwise/reduction, data movement,
 collective, Pallas kernel) and by the model part named in their ``op_name`` metadata (unet / vae / text_encoder /
 image_encoder, forward or backward).
