@@ -42,7 +42,7 @@ def row(index: int, record: dict) -> list[str]:
     mfu = record.get("mfu")
     what = record["what"]
     if what == "sample":
-        what = "sample (" + _program_field(record, r"(\d+ \w+ steps)", "") + ")"
+        what = "sample (" + _program_field(record, r" x (\d+) steps", "?") + " steps)"
     return [str(index), _config_name(record["command"]), record["topology"], what, record.get("latents") or "-",
             f"{batch} ({batch / chips:g})", mesh_text,
             _program_field(record, r"remat (\w+)", "-"), _program_field(record, r"attention (\w+)", "-"), hbm,
