@@ -84,10 +84,10 @@ def _run_plan(config: Path, out: Path, topology: str, *extra: str, expect_ok: bo
     return json.loads(out.read_text()), proc.stdout
 
 
-def _check_common(record: dict, stdout: str, topology: str, chips: int) -> None:
+def _check_common(record: dict, stdout: str, topology: str, chips: int, may_be_zero: tuple = ()) -> None:
     assert record["topology"] == topology and record["num_chips"] == chips
     for key in ("argument_bytes", "temp_bytes", "output_bytes", "total_bytes", "compiled_flops", "model_flops"):
-        assert record[key] > 0, key
+        assert record[key] >= 0 if key in may_be_zero else record[key] > 0, key
     assert record["total_bytes"] == (record["argument_bytes"] + record["output_bytes"] - record["alias_bytes"]
                                      + record["temp_bytes"] + record["code_bytes"])
     assert record["mesh"] == {"data": chips // 2, "fsdp": 2}
@@ -138,7 +138,9 @@ def test_plan_on_tpu_topology(tiny_config, tmp_path):
         return
     record, stdout = _run_plan(tiny_config, tmp_path / "plan.json", "v5e-4", "--config.model.compute_dtype=bfloat16")
     print("PLAN PATH: tpu (libtpu compile for v5e-4)", {k: record[k] for k in ("total_bytes", "step_seconds", "mfu")})
-    _check_common(record, stdout, "v5e-4", 4)
+    # libtpu (as bundled for jax 0.10.2) reports 0 temporary HBM bytes for this tiny bf16 step; the full-size
+    # plans report gigabytes.
+    _check_common(record, stdout, "v5e-4", 4, may_be_zero=("temp_bytes",))
     assert record["device_kind"] == "TPU v5 lite"
     assert record["hbm_capacity_bytes"] == 16 * 2**30 and record["fits"]
     assert record["step_seconds"] > 0 and 0 < record["mfu"] < 1 and record["images_per_second_per_chip"] > 0
@@ -183,3 +185,48 @@ def test_figure_arithmetic():
     assert f.total_bytes == 14 * 2**30 + 2**20 and f.fits
     assert f.images_per_second_per_chip == 8.0
     assert f.mfu == pytest.approx(100 / 197) and f.hfu == pytest.approx(120 / 197)
+
+
+@pytest.mark.parametrize("what", ["train", "sample"])
+def test_model_count_never_lowers_pallas(what):
+    """With ``attention_implementation="pallas"`` the model-FLOPs function (lowered for CPU, where Mosaic
+    kernels cannot lower) must use XLA attention everywhere, the VAE's included: a sampler plan once failed
+    there after its 22-minute TPU compile."""
+    import jax
+    import ml_collections
+
+    from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas")
+    from ipadapter_jax.train.config import TrainConfig
+
+    namespace: dict = {}
+    exec(TINY_CONFIG.format(model_dir="", image_dir=""), namespace)
+    config = namespace["get_config"]()
+    config.model.attention_implementation = "pallas"
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, fsdp_min_size=256))
+    config = TrainConfig.from_config_dict(config)
+    # Token counts above the kernels' threshold, so "pallas" really dispatches to the kernels in the UNet
+    # (64 tokens at 8x8 latents would not): 32x32 latents, VAE attention at 32x32.
+    config = _with_resolution(config, 256)
+    configs = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT, "scheduler": SCHEDULER,
+               "image_encoder": TINY_IMAGE}
+    devices = jax.devices("cpu")[:1]
+    if what == "train":
+        from ipadapter_jax.tools.train_program import train_program
+
+        program = train_program(config, devices, configs, "online")
+    else:
+        from ipadapter_jax.tools.sample_program import sample_program
+
+        program = sample_program(config, devices, configs, 1)
+    with program.model_tracing():
+        assert program.model_flops() > 0
+    # The program as it runs does take the kernels: lowering it for CPU fails on them.
+    with pytest.raises(Exception, match="interpret"):
+        with program.tracing():
+            program.jitted.trace(*program.args).lower(lowering_platforms=("cpu",))
+
+
+def _with_resolution(config, resolution: int):
+    import dataclasses
+
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=resolution))

@@ -45,6 +45,7 @@ flags.DEFINE_integer("sample_batch", 0, "sample: images per call (global); 0 = o
 flags.DEFINE_bool("model_flops", True, "count model FLOPs (no remat, XLA attention) for MFU: one extra "
                   "CPU lowering")
 flags.DEFINE_string("json", "", "also write the figures to this JSON file")
+flags.DEFINE_string("hlo", "", "also write the compiled per-chip HLO here (for tools.plan_breakdown)")
 
 
 def _devices(topology_name: str):
@@ -68,9 +69,10 @@ def _devices(topology_name: str):
 
 
 def plan(config: Any, topology_name: str, what: str = "train", latents: str = "online", base: str = "auto",
-         sample_batch: int = 0, with_model_flops: bool = True, log=print) -> tuple[Any, Any]:
+         sample_batch: int = 0, with_model_flops: bool = True, log=print, hlo_path: str = ""
+         ) -> tuple[Any, Any]:
     """Compile and measure. ``config``: a ConfigDict / dict / ``TrainConfig``. Returns ``(PlanFigures,
-    Program)``; ``log`` gets progress lines."""
+    Program)``; ``log`` gets progress lines; ``hlo_path``: where to write the compiled HLO text."""
     from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas")
     from ipadapter_jax.tools.plan_figures import add_repeats, figures_from_compiled
     from ipadapter_jax.tools.reference_models import guess_base, model_configs
@@ -92,14 +94,18 @@ def plan(config: Any, topology_name: str, what: str = "train", latents: str = "o
         program = sample_program(config, devices, configs, sample_batch or topology.num_chips)
     for line in program.description:
         log(line)
+    flops = None
+    if with_model_flops:
+        # Before the long compile: the model count lowers the program again (XLA attention, for CPU), and
+        # an error there should not cost a finished compile.
+        with program.model_tracing():
+            flops = program.model_flops()
     start = time.time()
     with program.tracing():
         compiled = program.jitted.lower(*program.args).compile()
     log(f"compiled for {topology.name} ({topology.num_chips} x {kind}) in {time.time() - start:.0f} s")
-    flops = None
-    if with_model_flops:
-        with program.model_tracing():
-            flops = program.model_flops()
+    if hlo_path:
+        Path(hlo_path).write_text(compiled.as_text())
     figures = figures_from_compiled(compiled, topology, kind, program.images_per_step, flops)
     if program.repeat_count:
         with program.tracing():
@@ -117,7 +123,7 @@ def main(argv):
     if flags_.config is None:
         raise app.UsageError("--config is required (e.g. --config configs/sd15.py)")
     figures, program = plan(flags_.config, flags_.topology, flags_.what, flags_.latents, flags_.base,
-                            flags_.sample_batch, flags_.model_flops)
+                            flags_.sample_batch, flags_.model_flops, hlo_path=flags_.hlo)
     for line in format_figures(figures):
         print(line)
     if flags_.json:
