@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
 
-from ipadapter_jax.models.attention import register_attention_implementation
+from ipadapter_jax.models.attention import attention_function, register_attention_implementation
 
 # Key sequences shorter than this use XLA (see module docstring).
 MIN_KV_TOKENS = 512
@@ -339,7 +339,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 
 def _dispatch(interpret: bool):
     def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         if k.shape[1] < MIN_KV_TOKENS:
-            return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+            return attention_function("xla")(q, k, v)  # the project's XLA formulation, as without Pallas
         return flash_attention(q, k, v, interpret=interpret)
 
     return attention
