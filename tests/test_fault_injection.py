@@ -37,16 +37,25 @@ def fault_config(world, **overrides):
     return tiny_config(world, **options)
 
 
-@pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
-    """The uninterrupted run: its final adapter and how long it took to reach its first step."""
-    workdir = tmp_path_factory.mktemp("reference") / "run"
+def _reference_run(world, workdir: Path, num_steps: int) -> dict:
     start = time.monotonic()
-    proc = start_faulty_train(world, fault_config(world), workdir)
+    proc = start_faulty_train(world, fault_config(world, num_steps=num_steps), workdir)
     assert wait_then(lambda: last_logged_step(workdir) >= 1, proc, TIMEOUT), output_of(workdir)[-3000:]
     startup = time.monotonic() - start
     assert proc.wait(TIMEOUT) == 0, output_of(workdir)[-3000:]
-    return {"adapter": adapter_arrays(workdir / "ip_adapter.safetensors"), "startup": startup}
+    return {"adapter": adapter_arrays(workdir / "ip_adapter.safetensors"), "startup": startup,
+            "num_steps": num_steps}
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """The uninterrupted run: its final adapter and how long it took to reach its first step."""
+    return _reference_run(world, tmp_path_factory.mktemp("reference") / "run", NUM_STEPS)
+
+
+# Each interrupted run moves the workdir on by about one step net (it resumes from the last checkpoint), so
+# 20 interruptions need a run long enough that it is not finished after the first handful.
+LONG_NUM_STEPS = 30
 
 
 # ------------------------------------------------------------------------------------------- SIGKILL
@@ -103,7 +112,8 @@ def _interrupt_when(kind: str, where: float, proc: subprocess.Popen, run: RunSta
 
 
 def _kill_and_resume(world, reference, workdir: Path, points) -> list[str]:
-    config = fault_config(world)
+    num_steps = reference["num_steps"]
+    config = fault_config(world, num_steps=num_steps)
     events = []
     for number, (kind, where) in enumerate(points):
         run = RunStart(workdir)
@@ -123,10 +133,10 @@ def _kill_and_resume(world, reference, workdir: Path, points) -> list[str]:
     run = RunStart(workdir)
     proc = start_faulty_train(world, config, workdir, log_name="final")
     assert proc.wait(TIMEOUT) == 0, output_of(workdir, "final")[-3000:]
-    if 0 < run.step < NUM_STEPS:
+    if 0 < run.step < num_steps:
         assert resumed_from(workdir, "final") == run.step
     assert_workdir_consistent(workdir)
-    assert [r["step"] for r in metric_steps(workdir)] == list(range(1, NUM_STEPS + 1))  # each step logged once
+    assert [r["step"] for r in metric_steps(workdir)] == list(range(1, num_steps + 1))  # each step logged once
     assert not writes_in_progress(workdir), "temporary checkpoint folders of killed runs were left behind"
     diff = max_abs_diff(adapter_arrays(workdir / "ip_adapter.safetensors"), reference["adapter"])
     assert diff == 0.0, (diff, events)
@@ -144,7 +154,8 @@ def test_sigkill_before_a_checkpoint_and_during_an_async_write_then_sigterm_then
 
 
 @pytest.mark.slow
-def test_sigkill_at_20_random_points_then_resume(world, reference, tmp_path):
+def test_sigkill_at_20_random_points_then_resume(world, tmp_path):
+    reference = _reference_run(world, tmp_path / "reference", LONG_NUM_STEPS)
     events = _kill_and_resume(world, reference, tmp_path / "run", kill_points(seed=7, count=20))
     print("\n".join(events))
     assert sum("killed" in e for e in events) >= 10
