@@ -122,3 +122,17 @@ def test_word_merges_do_not_depend_on_later_words(word):
     vocab, merges = build_vocab_and_merges(WORDS)
     smaller, _ = build_vocab_and_merges(WORDS[: WORDS.index(word) + 1])
     assert word + "</w>" in vocab and word + "</w>" in smaller
+
+
+def test_write_shards_command_matches_what_training_writes(tmp_path):
+    import subprocess
+    import sys
+
+    from ipadapter_jax.toy.shapes_dataset import write_shape_shards
+
+    subprocess.run([sys.executable, "-m", "ipadapter_jax.toy.write_shards", "--out", str(tmp_path / "cli"),
+                    "--num-shards", "2", "--samples-per-shard", "4", "--heldout-samples", "4"], check=True)
+    write_shape_shards(tmp_path / "lib", num_shards=2, samples_per_shard=4, heldout_samples=4)
+    names = ["train-00000.tar", "train-00001.tar", "heldout-00000.tar"]
+    for name in names:
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "lib" / name).read_bytes(), name
