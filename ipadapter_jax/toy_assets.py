@@ -21,18 +21,13 @@ def _trained_on_toy_base(workdir: Path) -> bool:
     # The workdir may hold an adapter for another base (e.g. a real SD1.5 run): only take it when the run's
     # saved config names the toy base ("" is the random tiny world written into the workdir: another base),
     # or when there is no config to say otherwise.
-    import json
+    from ipadapter_jax.train.checkpoint import saved_config
 
-    # orbax's JSON item of the newest checkpoint holds the run's config.
-    configs = sorted(workdir.glob("checkpoints/*/config/metadata"),
-                     key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else -1, reverse=True)
-    for path in configs:
-        try:
-            model_dir = json.loads(path.read_text()).get("model", {}).get("model_dir", "")
-        except (OSError, ValueError, AttributeError):
-            continue
-        return bool(model_dir) and Path(model_dir).resolve() == (ASSETS / "base").resolve()
-    return True
+    config = saved_config(workdir)
+    if config is None:
+        return True
+    model_dir = (config.get("model") or {}).get("model_dir", "")
+    return bool(model_dir) and Path(model_dir).resolve() == (ASSETS / "base").resolve()
 
 
 def default_sampling_paths(workdir: str | Path = "workdir") -> dict:

@@ -76,8 +76,11 @@ def test_shards_train_export_sample_evaluate(tmp_path):
 
 
 def _fake_run(workdir: Path, model_dir: str) -> None:
-    (workdir / "checkpoints" / "30" / "config").mkdir(parents=True)
-    (workdir / "checkpoints" / "30" / "config" / "metadata").write_text(json.dumps({"model": {"model_dir": model_dir}}))
+    """A workdir as a run leaves it, as far as the sampler looks: orbax's config item at step 30 and an export."""
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("config",)) as manager:
+        manager.save(30, args=ocp.args.Composite(config=ocp.args.JsonSave({"model": {"model_dir": model_dir}})))
     (workdir / "ip_adapter.safetensors").write_bytes(b"")
 
 

@@ -54,10 +54,11 @@ class _Item:
     rng_key: tuple[int, int, int] | None = None
 
 
-def _process_raw(
+def process_raw_sample(
     processor: ExampleProcessor, json_field: str | None, sample: dict, rng: np.random.Generator
 ) -> Example | str:
-    """Example, or the skip reason."""
+    """One raw webdataset sample (member name -> bytes) as an ``Example``, or the reason to skip it (a counter
+    name from ``data.counters``)."""
     image_bytes = sample_image_bytes(sample)
     if image_bytes is None:
         return "missing_image"
@@ -214,7 +215,7 @@ class WebDatasetSource:
 
     def _work(self, item: _Item) -> Example | str:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, *item.rng_key, 0x5EED]))
-        return _process_raw(self.processor, self.caption_json_field, item.payload, rng)
+        return process_raw_sample(self.processor, self.caption_json_field, item.payload, rng)
 
     def _fill(self) -> None:
         while len(self._pending) < max(1, self._lookahead):

@@ -19,27 +19,25 @@ import numpy as np
 from ipadapter_jax.data.latent_cache import (CacheError, cache_url, model_fingerprint, read_counts,
                                              read_manifest, read_uncond)
 from ipadapter_jax.train.cached_batch import cached_example_shapes, image_feature_shape
-from ipadapter_jax.weights.remote_files import local_folder
 
 logger = logging.getLogger(__name__)
 
 
-def encoder_folders(model_dir: Path, image_encoder_dir: str, is_sdxl: bool) -> dict[str, Path]:
-    """The folders whose contents determine the cached tensors."""
-    model_dir = local_folder(model_dir)
+def encoder_folders(model_dir: Path, image_encoder_dir: Path, is_sdxl: bool) -> dict[str, Path]:
+    """The (local) folders whose contents determine the cached tensors."""
     names = ["vae", "text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if is_sdxl else [])
-    folders = {name: model_dir / name for name in names}
-    folders["image_encoder"] = local_folder(image_encoder_dir) if image_encoder_dir else model_dir / "image_encoder"
+    folders = {name: Path(model_dir) / name for name in names}
+    folders["image_encoder"] = Path(image_encoder_dir)
     return folders
 
 
-def cache_identity(config: Any, model_dir: Path, modules: Any) -> dict:
-    """The manifest fields a run checks: model fingerprint, resolution, adapter variant, SDXL-ness, shapes."""
+def cache_identity(config: Any, model_dir: Path, image_encoder_dir: Path, modules: Any) -> dict:
+    """The manifest fields a run checks: model fingerprint, resolution, adapter variant, SDXL-ness, shapes.
+    ``model_dir`` and ``image_encoder_dir`` are the local folders the models were loaded from."""
     uses_hidden = config.adapter.variant == "plus"
     shapes = cached_example_shapes(modules, config.data.resolution, uses_hidden)
     return {
-        "model_fingerprint": model_fingerprint(encoder_folders(model_dir, config.model.image_encoder_dir,
-                                                               modules.is_sdxl)),
+        "model_fingerprint": model_fingerprint(encoder_folders(model_dir, image_encoder_dir, modules.is_sdxl)),
         "resolution": config.data.resolution,
         "variant": config.adapter.variant,
         "sdxl": modules.is_sdxl,
@@ -85,11 +83,17 @@ class LatentCache:
         return {k: v for k, v in self.uncond.items() if k.startswith("text_")}
 
 
-def open_latent_cache(config: Any, model_dir: Path, modules: Any) -> LatentCache:
-    """Read and check ``config.data.cache_dir``'s manifest and ``uncond.npz`` (see ``data.latent_cache``)."""
+def open_latent_cache(config: Any, model_dir: Path, modules: Any,
+                      image_encoder_dir: Path | None = None) -> LatentCache:
+    """Read and check ``config.data.cache_dir``'s manifest and ``uncond.npz`` (see ``data.latent_cache``).
+    ``image_encoder_dir``: the local folder the image encoder was loaded from (None: resolved from the config)."""
+    from ipadapter_jax.train.frozen import image_encoder_folder
+
     cache_dir = config.data.cache_dir
     manifest = read_manifest(cache_dir)
-    identity = cache_identity(config, model_dir, modules)
+    if image_encoder_dir is None:
+        image_encoder_dir = image_encoder_folder(model_dir, config.model.image_encoder_dir)
+    identity = cache_identity(config, model_dir, image_encoder_dir, modules)
     check_manifest(manifest, identity, cache_dir)
     uncond = read_uncond(cache_dir)
     expected = {"text_context": tuple(identity["shapes"]["text_context"]),

@@ -33,11 +33,11 @@ from ipadapter_jax.data.latent_cache import (FORMAT, MANIFEST_NAME, STORAGE_DTYP
 from ipadapter_jax.data.shards import expand_shard_spec, resolve_process
 from ipadapter_jax.data.tar_samples import ShardError, iter_shard_samples
 from ipadapter_jax.data.tokenize import CaptionTokenizer
-from ipadapter_jax.data.webdataset_source import _process_raw
+from ipadapter_jax.data.webdataset_source import process_raw_sample
 from ipadapter_jax.train.cache_encoding import encode_uncond, encoder_params, make_cache_encoder
 from ipadapter_jax.train.cache_manifest import cache_identity
 from ipadapter_jax.train.cached_batch import FLOAT_KEYS
-from ipadapter_jax.train.frozen import load_frozen_models
+from ipadapter_jax.train.frozen import image_encoder_folder, load_frozen_models
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _write_shard(url: str, index: int, out: Path, encoder: _ShardEncoder, proces
                 for sample in samples:
                     rng = np.random.default_rng(np.random.SeedSequence([seed, index, position, 0x5EED]))
                     position += 1
-                    result = _process_raw(processor, caption_field, sample, rng)
+                    result = process_raw_sample(processor, caption_field, sample, rng)
                     if isinstance(result, str):
                         counters.skip(result)
                         continue
@@ -146,8 +146,8 @@ def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0,
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir, source = tiny_world_paths(config, out_dir)
-    frozen_models = load_frozen_models(model_dir, config.model.image_encoder_dir or None,
-                                       compute_dtype=config.model.compute_dtype,
+    image_encoder_dir = image_encoder_folder(model_dir, config.model.image_encoder_dir)
+    frozen_models = load_frozen_models(model_dir, image_encoder_dir, compute_dtype=config.model.compute_dtype,
                                        attention_implementation=config.model.attention_implementation)
     modules = frozen_models.modules
     uses_hidden = config.adapter.variant == "plus"
@@ -178,7 +178,7 @@ def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0,
     summary.counters = total.to_dict()
     write_json_atomic(out_dir / counts_name(process_index, process_count), summary.counters)
     if process_index == 0:
-        manifest = {"format": FORMAT, **cache_identity(config, model_dir, modules), "model_dir": str(model_dir),
+        manifest = {"format": FORMAT, **cache_identity(config, model_dir, image_encoder_dir, modules), "model_dir": str(model_dir),
                     "image_encoder_dir": config.model.image_encoder_dir or str(model_dir / "image_encoder"),
                     "source_shards": source if isinstance(source, str) else list(source),
                     "shards": [shard_name(i) for i in range(len(urls))], "random_crop": config.data.random_crop,

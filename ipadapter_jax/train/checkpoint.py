@@ -191,6 +191,27 @@ class Checkpointer:
             logger.error("%s", exc)
 
 
+def saved_config(workdir: str | Path) -> dict | None:
+    """The training config saved with the newest complete checkpoint in ``WORKDIR/checkpoints``, read from disk
+    without opening a manager (nothing is created or pruned, so a read-only workdir is fine); None when there is
+    no checkpoint or its config item cannot be read."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    try:
+        steps = sorted(ocp.path.step.checkpoint_steps(directory))
+    except Exception:  # an unreadable folder: nothing to say
+        return None
+    for step in reversed(steps):
+        try:  # orbax's JsonSave keeps an item's JSON in <item>/metadata
+            value = json.loads((directory / str(step) / "config" / "metadata").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
 def data_state_for_process(saved: dict, process_index: int, process_count: int) -> dict:
     """This process's data-iterator state from a checkpoint's ``data`` item; the process layout must match
     (each host owns its shards, so positions cannot be re-split over a different number of hosts)."""

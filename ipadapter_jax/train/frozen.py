@@ -115,12 +115,18 @@ def _to_numpy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
+def image_encoder_folder(model_dir: Path, image_encoder_dir: str | Path | None) -> Path:
+    """The local image encoder folder: ``image_encoder_dir`` (a URL is copied into the cache, listing the bucket
+    once; callers that need the folder twice resolve it once and pass the result), else the model's own."""
+    return local_folder(image_encoder_dir) if image_encoder_dir else Path(model_dir) / "image_encoder"
+
+
 def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | None = None, *,
                        compute_dtype: Any = jnp.bfloat16, attention_implementation: str = "xla",
                        remat: bool = False) -> FrozenModels:
     """Read every frozen model of ``model_dir`` (see module docstring) into float32 host arrays."""
     model_dir = local_folder(model_dir)  # gs:// and other URLs: a cached local copy
-    image_encoder_dir = local_folder(image_encoder_dir) if image_encoder_dir else model_dir / "image_encoder"
+    image_encoder_dir = image_encoder_folder(model_dir, image_encoder_dir)
     if not model_dir.is_dir():
         raise WeightFileError(f"model_dir {model_dir}: no such folder")
     dtype = jnp.dtype(compute_dtype)

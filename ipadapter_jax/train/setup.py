@@ -20,7 +20,7 @@ from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.train import tiny_world
 from ipadapter_jax.train.cache_manifest import LatentCache, open_latent_cache
 from ipadapter_jax.train.config import TrainConfig, check_against_devices
-from ipadapter_jax.train.frozen import FrozenModels, load_frozen_models
+from ipadapter_jax.train.frozen import FrozenModels, image_encoder_folder, load_frozen_models
 from ipadapter_jax.train.sharding import (batch_sharding, logical_spec, make_mesh, put_host_tree, replicated,
                                           weight_shardings)
 from ipadapter_jax.train.state import (TrainState, cross_attention_kv, make_optimizer, state_initializer,
@@ -127,8 +127,8 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
         # processes) must fail now, not after minutes of loading and compiling.
         shards_for_process(image_shards)
 
-    frozen_models = load_frozen_models(model_dir, config.model.image_encoder_dir or None,
-                                       compute_dtype=config.model.compute_dtype,
+    image_encoder_dir = image_encoder_folder(model_dir, config.model.image_encoder_dir)
+    frozen_models = load_frozen_models(model_dir, image_encoder_dir, compute_dtype=config.model.compute_dtype,
                                        attention_implementation=config.model.attention_implementation,
                                        remat=config.model.remat)
     modules = frozen_models.modules
@@ -137,7 +137,7 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
                          f"factor {modules.latent_downsample}")
     cache, shards = None, image_shards
     if config.data.cache_latents:
-        cache = open_latent_cache(config, model_dir, modules)
+        cache = open_latent_cache(config, model_dir, modules, image_encoder_dir)
         shards = cache.shards
         shards_for_process(shards)
     host_frozen = frozen_models.params_in(config.model.compute_dtype)

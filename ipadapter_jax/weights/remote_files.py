@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 from pathlib import Path
 
 from ipadapter_jax.weights.safetensors_io import WeightFileError
@@ -67,9 +68,8 @@ def _fetch(fs, remote: str, local: Path, size: int | None) -> None:
 def _wanted(names: list[str]) -> list[str]:
     """The files of a model folder the loaders read (relative names)."""
     kept = [n for n in names if n.endswith(_KEPT_SUFFIXES) and not any(m in n for m in _SKIPPED_MARKERS)]
-    with_safetensors = {n.rsplit("/", 1)[0] if "/" in n else "" for n in kept if n.endswith(".safetensors")}
-    return [n for n in kept if not (n.endswith(".bin") and (n.rsplit("/", 1)[0] if "/" in n else "")
-                                    in with_safetensors)]
+    with_safetensors = {posixpath.dirname(n) for n in kept if n.endswith(".safetensors")}
+    return [n for n in kept if not (n.endswith(".bin") and posixpath.dirname(n) in with_safetensors)]
 
 
 def local_folder(path: str | os.PathLike) -> Path:
