@@ -30,37 +30,32 @@ class FedBatch(NamedTuple):
 
 
 def make_source(config: TrainConfig, modules: FrozenModules, shards: str | Sequence[str],
-                state: dict | None = None, cache: LatentCache | None = None, **overrides: Any) -> WebDatasetSource:
-    """This process's training source over ``shards`` (``overrides`` go to ``WebDatasetSource``); with an opened
-    latent ``cache``, a ``CachedSource`` over the cache's shards; with ``data.tfds_name``, a ``TfdsSource`` over
-    that prepared TFDS dataset (``shards`` is ignored in both; TensorFlow is imported only then)."""
+                state: dict | None = None, cache: LatentCache | None = None, **overrides: Any) -> Any:
+    """This process's training source over ``shards``: a ``WebDatasetSource``; with an opened latent ``cache``, a
+    ``CachedSource`` over the cache's shards; with ``data.tfds_name``, a ``TfdsSource`` over that prepared TFDS
+    dataset (``shards`` is ignored in both; TensorFlow is imported only then). ``overrides`` go to the source."""
     data = config.data
     rates = DropoutRates(text=data.drop_text, image=data.drop_image, both=data.drop_both)
+    common = dict(global_batch_size=config.batch_size, seed=config.seed, num_decode_threads=data.decode_threads,
+                  state=state)
     if cache is not None:
-        kwargs = dict(global_batch_size=config.batch_size, seed=config.seed, shuffle_shards=data.shuffle_shards,
-                      num_decode_threads=data.decode_threads, state=state)
-        kwargs.update(overrides)
         collator = CachedBatchCollator(cache.uncond_text, rates, dropout_seed=config.seed)
-        return CachedSource(cache.shards, shapes=cache.shapes, collator=collator, **kwargs)
+        return CachedSource(cache.shards, shapes=cache.shapes, collator=collator,
+                            **{**common, "shuffle_shards": data.shuffle_shards, **overrides})
     tokenizer = CaptionTokenizer(modules.tokenizer_dir, max_length=modules.text_length)
     tokenizer_2 = (CaptionTokenizer(modules.tokenizer_2_dir, max_length=modules.text_length)
                    if modules.tokenizer_2_dir else None)
-    collator = BatchCollator(tokenizer, tokenizer_2, rates, dropout_seed=config.seed)
-    processor = ExampleProcessor(data.resolution, clip_config=modules.clip_image_config,
-                                 random_crop=data.random_crop)
+    common["collator"] = BatchCollator(tokenizer, tokenizer_2, rates, dropout_seed=config.seed)
+    common["processor"] = ExampleProcessor(data.resolution, clip_config=modules.clip_image_config,
+                                           random_crop=data.random_crop)
     if data.tfds_name:
         from ipadapter_jax.data.tfds_source import TfdsSource
 
-        kwargs = dict(global_batch_size=config.batch_size, processor=processor, collator=collator, seed=config.seed,
-                      split=data.tfds_split, data_dir=data.tfds_data_dir or None, image_key=data.tfds_image_key,
-                      caption_key=data.tfds_caption_key, num_decode_threads=data.decode_threads, state=state)
-        kwargs.update(overrides)
-        return TfdsSource(data.tfds_name, **kwargs)
-    kwargs = dict(global_batch_size=config.batch_size, processor=processor, collator=collator, seed=config.seed,
-                  shuffle_shards=data.shuffle_shards, caption_json_field=data.caption_field or None,
-                  num_decode_threads=data.decode_threads, state=state)
-    kwargs.update(overrides)
-    return WebDatasetSource(shards, **kwargs)
+        return TfdsSource(data.tfds_name, **{**common, "split": data.tfds_split,
+                                             "data_dir": data.tfds_data_dir or None, "image_key": data.tfds_image_key,
+                                             "caption_key": data.tfds_caption_key, **overrides})
+    return WebDatasetSource(shards, **{**common, "shuffle_shards": data.shuffle_shards,
+                                       "caption_json_field": data.caption_field or None, **overrides})
 
 
 class DataFeed:
