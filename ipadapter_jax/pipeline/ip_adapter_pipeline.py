@@ -3,6 +3,7 @@ published-layout IP-Adapters, with the whole denoising loop compiled."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -19,6 +20,9 @@ from ipadapter_jax.models.vae import decode_latents
 from ipadapter_jax.pipeline.components import BaseModel, ImageEncoder, load_base_model, load_image_encoder
 from ipadapter_jax.pipeline.conditioning import as_image_list, encode_image_prompt, encode_text, pil_or_array
 from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.pipeline.sharded_batch import local_mesh, place_generate_inputs, place_replicated
+from ipadapter_jax.train.config import MeshConfig
+from ipadapter_jax.train.sharding import put_host_tree, weight_shardings
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
 from ipadapter_jax.weights.remote_files import is_url, local_file, local_folder
 from ipadapter_jax.weights.safetensors_io import WeightFileError
@@ -45,15 +49,27 @@ class IPAdapterPipeline:
 
     ``pipe(prompt, ip_adapter_image=...)`` returns numpy float32 images ``(batch, height, width, 3)`` in
     [0, 1]. Image-only prompting, as in the paper: ``prompt=""``, ``ip_scale=1.0``.
+
+    Sampling runs on every local device: a ``data`` x ``fsdp`` mesh over ``devices`` (default: all of this
+    process's), the batch split over it (padded to a multiple of the device count and cut back), the UNet,
+    VAE and adapter weights replicated, or split over ``fsdp`` devices when ``fsdp > 1`` (as in training).
     """
 
-    def __init__(self, base: BaseModel, adapters: Sequence[IPAdapter] = (), image_encoder: ImageEncoder | None = None):
+    def __init__(self, base: BaseModel, adapters: Sequence[IPAdapter] = (), image_encoder: ImageEncoder | None = None,
+                 devices: Sequence[jax.Device] | None = None, fsdp: int = 1):
         for adapter in adapters:
             check_adapter_fits(base.unet_config, adapter)
         if adapters and image_encoder is None:
             raise ValueError("IP-Adapters need an image encoder (image_encoder=DIR)")
+        self.mesh = local_mesh(devices, fsdp)
+        self.mesh_config = MeshConfig(data=self.mesh.shape["data"], fsdp=fsdp)
+        # The denoising loop's weights live on the mesh once, not copied there on every call; the text and
+        # image encoders run once per call and stay where they were loaded.
+        place = lambda tree: put_host_tree(jax.device_get(tree), weight_shardings(tree, self.mesh, self.mesh_config))  # noqa: E731
+        base = dataclasses.replace(base, unet=dataclasses.replace(base.unet, params=place(base.unet.params)),
+                                   vae=dataclasses.replace(base.vae, params=place(base.vae.params)))
         self.base = base
-        self.adapters = list(adapters)
+        self.adapters = [dataclasses.replace(a, params=place(a.params)) for a in adapters]
         self.image_encoder = image_encoder
         vae = base.vae
         # One function object for the pipeline's lifetime: it is a static argument of the jitted loop.
@@ -61,11 +77,13 @@ class IPAdapterPipeline:
 
     @classmethod
     def from_pretrained(cls, sd_dir: PathLike, ip_adapter: PathLike | Sequence[PathLike] | None = None,
-                        image_encoder: PathLike | None = None, dtype: str = "float32") -> "IPAdapterPipeline":
+                        image_encoder: PathLike | None = None, dtype: str = "float32",
+                        devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> "IPAdapterPipeline":
         """``sd_dir``: diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
         ``tokenizer/``, ``scheduler/``, and for SDXL ``text_encoder_2/``, ``tokenizer_2/``). ``ip_adapter``:
         one published-layout file or a list. ``image_encoder``: a transformers CLIPVisionModelWithProjection
-        folder (found beside the adapter or in ``sd_dir`` when omitted). ``dtype``: "float32" or "bfloat16"."""
+        folder (found beside the adapter or in ``sd_dir`` when omitted). ``dtype``: "float32" or "bfloat16".
+        ``devices``, ``fsdp``: the sampling mesh (see the class docstring)."""
         # gs:// and other URLs: cached local copies (see weights/remote_files.py).
         sd_dir = local_folder(sd_dir)
         specs = [] if ip_adapter is None else list(
@@ -81,7 +99,7 @@ class IPAdapterPipeline:
                 raise FileNotFoundError("no image encoder: pass image_encoder=DIR (a CLIPVisionModelWithProjection "
                                         "folder), or put it in <sd_dir>/image_encoder")
             encoder = load_image_encoder(folder, dtype, base_folder=sd_dir)
-        return cls(base, adapters, encoder)
+        return cls(base, adapters, encoder, devices=devices, fsdp=fsdp)
 
     def default_size(self) -> tuple[int, int]:
         size = self.base.unet_config.sample_size * self.base.vae_scale_factor
@@ -90,20 +108,37 @@ class IPAdapterPipeline:
     def __call__(self, prompt: str | Sequence[str], ip_adapter_image: Any = None, ip_scale: Any = 0.6,
                  negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-                 latents: Any = None, seed: int = 0, scheduler: str | None = None) -> np.ndarray:
-        """Generate one image per prompt.
+                 latents: Any = None, seed: int = 0, scheduler: str | None = None,
+                 num_images_per_prompt: int = 1) -> np.ndarray:
+        """Generate ``num_images_per_prompt`` images per prompt, ``(len(prompts) * N, height, width, 3)``, each
+        prompt's images together (as diffusers orders them).
 
         prompt: a string or a list (the batch). ip_adapter_image: one image (PIL or HWC array) for one adapter,
           or a list with one per adapter; it conditions the whole batch. None: text only.
         ip_scale: a number, a per-block dict (see ``models/ip_scales.py``), or a list with one per adapter.
-        latents: optional starting noise in diffusers' layout ``(batch, 4, height/8, width/8)``.
+        latents: optional starting noise in diffusers' layout ``(batch * N, 4, height/8, width/8)``.
         scheduler: "ddim", "euler", "dpm++2m", or None for the checkpoint's own scheduler config.
         """
+        args, batch = self.generate_args(prompt, ip_adapter_image, ip_scale, negative_prompt, num_inference_steps,
+                                         guidance_scale, height, width, latents, seed, scheduler,
+                                         num_images_per_prompt)
+        return np.asarray(generate(*args), np.float32)[:batch]
+
+    def generate_args(self, prompt, ip_adapter_image=None, ip_scale=0.6, negative_prompt=None,
+                      num_inference_steps=50, guidance_scale=7.5, height=None, width=None, latents=None, seed=0,
+                      scheduler=None, num_images_per_prompt=1) -> tuple[tuple, int]:
+        """The arguments ``pipeline.denoise.generate`` is called with (inputs placed on the mesh, the batch
+        padded to a multiple of its devices) and the true batch size. ``generate.lower(*args)`` compiles what a
+        call runs."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None if negative_prompt is None else (
             [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
         if negatives is not None and len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if int(num_images_per_prompt) < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        repeat = lambda items: [x for x in items for _ in range(int(num_images_per_prompt))]  # noqa: E731
+        prompts, negatives = repeat(prompts), None if negatives is None else repeat(negatives)
         height, width = height or self.default_size()[0], width or self.default_size()[1]
         factor = self.base.vae_scale_factor
         if height % factor or width % factor:
@@ -124,12 +159,14 @@ class IPAdapterPipeline:
         context, added = encode_text(self.base, prompts, negatives, guided, height, width)
         adapters, features = self._image_conditioning(ip_adapter_image, guided)
         scales = resolve_ip_scales(self.base.unet_config, ip_scale, len(adapters)) if adapters else np.zeros((0, 0))
-        images = generate(
-            self.base.unet.module, self.base.unet_config, tuple(a.projection for a in adapters), guided,
-            self._decode, self.base.unet.params, self.base.vae.params, [a.params for a in adapters],
-            jnp.asarray(scales, jnp.float32), sampler, noise, context, added, features,
-            jnp.asarray(guidance_scale, jnp.float32))
-        return np.asarray(images, np.float32)
+        noise, context, added, features, batch = place_generate_inputs(
+            self.mesh, self.mesh_config, noise, context, added, features, 2 if guided else 1)
+        scales, sampler, guidance = place_replicated(
+            (np.asarray(scales, np.float32), sampler, np.asarray(guidance_scale, np.float32)), self.mesh)
+        args = (self.base.unet.module, self.base.unet_config, tuple(a.projection for a in adapters), guided,
+                self._decode, self.base.unet.params, self.base.vae.params, [a.params for a in adapters],
+                scales, sampler, noise, context, added, features, guidance)
+        return args, batch
 
     def _image_conditioning(self, ip_adapter_image, guided: bool):
         if ip_adapter_image is None or not self.adapters:

@@ -25,6 +25,7 @@ from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.diffusion.samplers import make_sampler
 from ipadapter_jax.models.vae import decode_latents
 from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.pipeline.sharded_batch import place_generate_inputs
 from ipadapter_jax.train.checkpoint import host_copy
 from ipadapter_jax.train.frozen import encode_image_prompt, encode_text, sdxl_time_ids
 from ipadapter_jax.train.sharding import put_host_tree
@@ -87,10 +88,13 @@ class Validator:
             return text.context, added, features
 
         inputs = self._replicated((prompt_ids, prompt_ids_2, clip_pixels, dropped, size))
-        self.context, self.added, self.features = jax.jit(encode)(setup.frozen, *inputs)
+        context, added, features = jax.jit(encode)(setup.frozen, *inputs)
         latent = resolution // modules.latent_downsample
         noise = jax.random.normal(jax.random.key(cfg.seed), (n, latent, latent, modules.unet_config.in_channels))
-        self.noise = self._replicated(np.asarray(noise))
+        # The noise split over the training mesh (padded to its batch multiple), as the pipeline samples.
+        self.noise, self.context, self.added, features, self.n = place_generate_inputs(
+            setup.mesh, setup.config.mesh, noise, context, added, [features], 2)
+        self.features = features[0]
         self.sampler = make_sampler(cfg.sampler, modules.scheduler_config, cfg.num_inference_steps)
         self.decode = functools.partial(_decode, modules.vae, modules.vae_config)
         self.num_layers = len(modules.unet_config.cross_attention_layers())
@@ -111,7 +115,7 @@ class Validator:
                        self.decode, self.setup.frozen["unet"], self.setup.frozen["vae"], [adapter_params], scales,
                        self.sampler, self.noise, self.context, self.added, [self.features],
                        jnp.asarray(cfg.guidance_scale, jnp.float32))
-        return host_copy(out)
+        return host_copy(out)[: self.n]
 
     def grid(self, adapter_params) -> np.ndarray:
         """uint8 ``[n * R, (1 + len(scales)) * R, 3]``."""
