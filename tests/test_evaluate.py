@@ -206,3 +206,50 @@ def test_file_references_read_toy_labels(tmp_path):
     found = refs.file_references([tmp_path / "ref.png", tmp_path / "blank.png"], "a caption")
     assert found[0].labels == {"colour": image.specs[0].colour, "shape": image.specs[0].shape}
     assert found[1].labels == {} and found[1].caption == "a caption"
+
+
+def test_two_processes_write_the_one_process_report(tmp_path):
+    """``evaluate`` under ``jax.distributed`` with two local CPU processes: the references are split over the
+    processes, process 0 gathers every score and writes the report, equal to one process's (bar the time)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import jax
+
+    from ipadapter_jax.models.adapter import new_ip_adapter
+    from ipadapter_jax.models.image_projection import ProjectionConfig
+    from ipadapter_jax.toy_assets import ASSETS
+    from ipadapter_jax.weights.ip_adapter_file import save_ip_adapter
+    from ipadapter_jax.weights.load_unet import load_unet
+
+    _, unet_params, config = load_unet(ASSETS / "base" / "unet")
+    projection = ProjectionConfig("plain", embed_dim=64, cross_attention_dim=config.cross_attention_dim)
+    adapter_path = tmp_path / "ip_adapter.safetensors"
+    save_ip_adapter(new_ip_adapter(config, unet_params, projection, jax.random.key(1)), adapter_path)
+    common = [sys.executable, "-m", "ipadapter_jax.evaluate", "--ip-adapter", str(adapter_path),
+              "--num-references", "3", "--images-per-reference", "2", "--steps", "2", "--guidance", "3",
+              "--scales", "0", "1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    single = subprocess.run(common + ["--out", str(tmp_path / "one.json")], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(common + ["--out", str(tmp_path / f"two_{i}.json"), "--coordinator-address",
+                                        f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert not (tmp_path / "two_1.json").exists()  # only process 0 writes
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two_0.json"))
+    one.pop("seconds"), two.pop("seconds")
+    assert two == one
+    assert [r["generations"] for r in two["results"]] == [6, 6]
+    # Each process generated for its share (references 0, 2 and 1), not for all three.
+    assert "2/2 references" in outputs[0][0] and "1/1 references" in outputs[1][0]
+    assert "/3 references" not in outputs[0][0] + outputs[1][0]

@@ -49,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--out", default="evaluation.json", help="JSON report")
+    p.add_argument("--out", default="evaluation.json", help="JSON report (written by process 0)")
+    pod = p.add_argument_group("several processes (a TPU pod): references split over processes, one report")
+    pod.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")
+    pod.add_argument("--coordinator-address", default="", help="host:port of process 0, outside TPU pods")
+    pod.add_argument("--num-processes", type=int, default=0, help="number of processes (with --coordinator-address)")
+    pod.add_argument("--process-id", type=int, default=-1, help="this process's index (with --coordinator-address)")
     p.add_argument("--grid", help="also write a PNG: per scale, each reference followed by its generations "
                                   "(first 8 references)")
     return p
@@ -109,6 +115,13 @@ def write_grid(result_images, references, path, per_scale_labels) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    import jax
+
+    if args.coordinator_address:
+        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
     from ipadapter_jax.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache()
@@ -128,8 +141,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = run_protocol(pipe, scorer, references, args.scales, keep_images=bool(args.grid),
                           images_per_reference=args.images_per_reference, prompt=args.prompt,
                           num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
-    if args.grid:
-        write_grid([r.pop("images") for r in report["results"]], references, args.grid, args.scales)
+    if args.grid:  # each process kept its own references' images: process 0's make the grid
+        images = [r.pop("images") for r in report["results"]]
+        if jax.process_index() == 0:
+            write_grid(images, references[::jax.process_count()], args.grid, args.scales)
     report = {
         "protocol": "IP-Adapter paper, section 4.2: per reference, images_per_reference generations from the "
                     "image prompt; CLIP-I = mean cosine of CLIP image embeddings (generation vs reference); "
@@ -139,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "prompt": args.prompt, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
         "seed": args.seed, "seconds": round(time.time() - started, 1), **report,
     }
+    if jax.process_index() != 0:
+        return report
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     for r in report["results"]:

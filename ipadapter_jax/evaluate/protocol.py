@@ -29,37 +29,60 @@ def _toy_readings(images, reference: Reference) -> list[tuple[str | None, str | 
     return [(r.colour, r.shape) for r in map(classify, images)]
 
 
+def _score_reference(pipe, scorer: ClipScorer, ref: Reference, index: int, scale: float, images_per_reference: int,
+                     prompt: str, num_inference_steps: int, guidance_scale: float, seed: int):
+    """One reference's generations and their per-image scores (JSON-serialisable, so processes can share)."""
+    images = pipe([prompt] * images_per_reference, ip_adapter_image=ref.image, ip_scale=scale,
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed + index)
+    score, cosine = scorer.clip_score(images, ref.caption)
+    record = {"clip_i": scorer.clip_i(images, ref.image).tolist(), "clip_t": score.tolist(),
+              "clip_t_cosine": cosine.tolist()}
+    readings = _toy_readings(images, ref)
+    if readings is not None:
+        record["readings"] = [[c, s] for c, s in readings]
+    return record, images
+
+
 def evaluate_scale(pipe, scorer: ClipScorer, references: Sequence[Reference], scale: float, *,
                    images_per_reference: int = 4, prompt: str = "", num_inference_steps: int = 50,
                    guidance_scale: float = 7.5, seed: int = 0, keep_images: bool = False,
                    log: Callable[[str], None] = print) -> dict:
     """Metrics at one IP-Adapter scale; with ``keep_images`` the result's ``"images"`` holds every
-    generation (float ``[n, H, W, 3]`` per reference, not JSON-serialisable: pop it before writing)."""
-    clip_i, clip_t, cosine_t = [], [], []
-    colour_hits, shape_hits = [], []
-    colours, shapes = collections.Counter(), collections.Counter()
-    kept = []
+    generation (float ``[n, H, W, 3]`` per reference, not JSON-serialisable: pop it before writing).
+
+    Under ``jax.distributed`` each process generates for every ``process_count``-th reference (reference ``i``
+    keeps its seed ``seed + i``) and the per-image scores are gathered in reference order, so every process
+    computes the same metrics as one process would; ``"images"`` then holds this process's references only.
+    """
+    import jax
+
+    from ipadapter_jax.train.checkpoint import gather_json
+
+    mine = range(jax.process_index(), len(references), jax.process_count())
+    records, kept = {}, []
     started = time.time()
-    for i, ref in enumerate(references):
-        images = pipe([prompt] * images_per_reference, ip_adapter_image=ref.image, ip_scale=scale,
-                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed + i)
-        clip_i.extend(scorer.clip_i(images, ref.image).tolist())
-        score, cosine = scorer.clip_score(images, ref.caption)
-        clip_t.extend(score.tolist())
-        cosine_t.extend(cosine.tolist())
-        readings = _toy_readings(images, ref)
-        if readings is not None:
-            colour_hits += [c == ref.labels["colour"] for c, _ in readings]
-            shape_hits += [s == ref.labels["shape"] for _, s in readings]
-            colours.update(str(c) for c, _ in readings)
-            shapes.update(str(s) for _, s in readings)
+    for done, i in enumerate(mine, 1):
+        records[i], images = _score_reference(pipe, scorer, references[i], i, scale, images_per_reference, prompt,
+                                              num_inference_steps, guidance_scale, seed)
         if keep_images:
             kept.append(images)
-        if (i + 1) % max(1, len(references) // 4) == 0:
-            log(f"  scale {scale}: {i + 1}/{len(references)} references ({time.time() - started:.0f}s)")
-    result = {"scale": scale, "generations": len(clip_i), "clip_i": float(np.mean(clip_i)),
-              "clip_i_std": float(np.std(clip_i)), "clip_t": float(np.mean(clip_t)),
-              "clip_t_cosine": float(np.mean(cosine_t))}
+        if done % max(1, len(mine) // 4) == 0:
+            log(f"  scale {scale}: {done}/{len(mine)} references ({time.time() - started:.0f}s)")
+    for share in gather_json({str(i): r for i, r in records.items()}):
+        records.update({int(i): r for i, r in share.items()})
+    ordered = [records[i] for i in range(len(references))]
+    scores = {k: [x for r in ordered for x in r[k]] for k in ("clip_i", "clip_t", "clip_t_cosine")}
+    result = {"scale": scale, "generations": len(scores["clip_i"]), "clip_i": float(np.mean(scores["clip_i"])),
+              "clip_i_std": float(np.std(scores["clip_i"])), "clip_t": float(np.mean(scores["clip_t"])),
+              "clip_t_cosine": float(np.mean(scores["clip_t_cosine"]))}
+    colour_hits, shape_hits = [], []
+    colours, shapes = collections.Counter(), collections.Counter()
+    for ref, record in zip(references, ordered):
+        for c, s in record.get("readings", []):
+            colour_hits.append(c == ref.labels["colour"])
+            shape_hits.append(s == ref.labels["shape"])
+            colours[str(c)] += 1
+            shapes[str(s)] += 1
     if colour_hits:
         result.update(colour_match=float(np.mean(colour_hits)), shape_match=float(np.mean(shape_hits)),
                       both_match=float(np.mean(np.logical_and(colour_hits, shape_hits))),
