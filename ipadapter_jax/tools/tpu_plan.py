@@ -135,4 +135,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from ipadapter_jax.cli_errors import run_absl_cli
+
+    run_absl_cli("python -m ipadapter_jax.tools.tpu_plan", main)  # one-line errors
