@@ -20,6 +20,7 @@ TRAIN = [str(REPO / "train.py"), "--workdir", "run"]
 MAKE_SHARDS = ["-m", "ipadapter_jax.tools.make_shards"]
 EVALUATE = ["-m", "ipadapter_jax.evaluate"]
 CACHE_LATENTS = ["-m", "ipadapter_jax.tools.cache_latents"]
+TPU_PLAN = ["-m", "ipadapter_jax.tools.tpu_plan"]
 
 # name -> (command after the interpreter, tool name in the error line, exit code, text the line contains).
 # Paths are relative to the test's scratch folder, which the fixture fills with the files named here.
@@ -55,6 +56,9 @@ CASES = {
                                        "--ip-adapter FILE is required"),
     "cache_latents_without_flags": (CACHE_LATENTS, "python -m ipadapter_jax.tools.cache_latents", 2,
                                     "--config must have a value"),
+    "tpu_plan_without_config": (TPU_PLAN, "python -m ipadapter_jax.tools.tpu_plan", 2, "--config is required"),
+    "tpu_plan_missing_config_file": (TPU_PLAN + ["--config=no_such_config.py"],
+                                     "python -m ipadapter_jax.tools.tpu_plan", 2, "no_such_config.py"),
 }
 
 
