@@ -11,19 +11,22 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"), "training config file",
-                                lock_config=True)
-flags.DEFINE_string("workdir", "workdir", "checkpoints, metrics.jsonl, TensorBoard, ip_adapter.safetensors")
-flags.DEFINE_bool("resume", True, "resume from the workdir's latest checkpoint (--noresume refuses a workdir "
-                  "that has one)")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")
-flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs outside TPU pods")
-flags.DEFINE_integer("num_processes", 0, "number of processes (with --coordinator_address)")
-flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator_address)")
+
+
+def define_flags():
+    config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"), "training config file",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", "workdir", "checkpoints, metrics.jsonl, TensorBoard, ip_adapter.safetensors")
+    flags.DEFINE_bool("resume", True, "resume from the workdir's latest checkpoint (--noresume refuses a workdir "
+                      "that has one)")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs outside TPU pods")
+    flags.DEFINE_integer("num_processes", 0, "number of processes (with --coordinator_address)")
+    flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator_address)")
 
 
 def run(argv):
@@ -50,4 +53,10 @@ def run(argv):
 
 
 if __name__ == "__main__":
-    app.run(run)
+    from ipadapter_jax.cli_errors import run_absl_cli
+
+    # One-line errors (exit 2 for a user mistake, 1 otherwise; --debug for the traceback). Flags are defined
+    # inside the wrapper: the config file loads (and its overrides apply) as they are.
+    run_absl_cli("train.py", run, define_flags=define_flags)
+else:
+    define_flags()  # imported (tests parse the README's commands with these flags)

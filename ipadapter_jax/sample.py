@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from ipadapter_jax.cli_errors import UserError, run_cli
 from ipadapter_jax.compilation_cache import enable_compilation_cache
 
 
@@ -63,22 +64,56 @@ def make_grid(images: Sequence[np.ndarray]) -> Image.Image:
     return grid
 
 
+def read_reference_images(paths: Sequence[str]) -> list[Image.Image]:
+    """The reference images, decoded now: a missing or undecodable file is reported before the base model
+    is loaded (which takes far longer than reading a picture)."""
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"--image {path}: no such file")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a file that is not an image
+            raise UserError(f"--image {path}: not an image PIL can read ({exc})") from exc
+    return images
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Values and paths that are wrong on their face, checked before anything is loaded or compiled."""
+    for name in ("num_images", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 8:
+            raise UserError(f"--{name}={value} must be at least 8")
+    if not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model}: no such folder")
+    for path in args.ip_adapter or []:
+        if not Path(path).is_file():
+            raise UserError(f"--ip-adapter {path}: no such file")
+    if args.image_encoder is not None and not Path(args.image_encoder).is_dir():
+        raise UserError(f"--image-encoder {args.image_encoder}: no such folder")
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
-    enable_compilation_cache()
-    from ipadapter_jax.pipeline import IPAdapterPipeline
-
     if args.model is None:
         defaults = default_model_paths()
         args.model = defaults["model"]
         args.ip_adapter = args.ip_adapter or defaults.get("ip_adapter")
         args.image = args.image or defaults.get("image")
         print(f"no --model: the toy base {args.model}, adapter {args.ip_adapter}, image {args.image}", flush=True)
+    check_arguments(args)
+    images_in = read_reference_images(args.image or [])
+    enable_compilation_cache()
     started = time.time()
     print(f"loading {args.model} ...", flush=True)
+    from ipadapter_jax.pipeline import IPAdapterPipeline
+
     pipe = IPAdapterPipeline.from_pretrained(args.model, ip_adapter=args.ip_adapter or None,
                                              image_encoder=args.image_encoder, dtype=args.dtype)
-    images_in = [Image.open(p).convert("RGB") for p in (args.image or [])]
     reference = None if not images_in else (images_in if len(images_in) > 1 else images_in[0])
     print(f"loaded in {time.time() - started:.1f}s; compiling and sampling {args.num_images} image(s), "
           f"{args.steps} steps (the first run compiles; later runs reuse the compilation cache) ...", flush=True)
@@ -99,3 +134,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     make_grid(list(images)).save(out / "grid.png")
     print(f"wrote {len(images)} image(s) and grid.png to {out}", flush=True)
     return out
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The ``sample.py`` entry point: ``main`` with one-line errors (see ipadapter_jax.cli_errors)."""
+    run_cli("sample.py", main, argv)

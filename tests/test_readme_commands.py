@@ -29,19 +29,22 @@ README = REPO / "README.md"
 SHELL_LANGUAGES = {"bash", "sh", "shell"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.M | re.S)
 
+# The README's test command: it does its own setup, so it works on a new machine, and .ci/run runs this line.
+TEST_COMMAND = 'python3 -m pip install -e ".[test]" && python3 -m pytest -q'
+
 # README command prefix -> what exercises it. Test node ids must exist; ".ci/run: X" means .ci/run runs X.
 # The longest matching prefix wins; an entry no README command uses is an error (the table cannot go stale).
 COVERED_BY = {
     "python3 -m pip install -e . && python3 train.py": [
-        '.ci/run: python3 -m pip install -q -e ".[test]"',  # the package, with the test extra
+        '.ci/run: ' + TEST_COMMAND,  # installs the package, with the test extra
         "tests/test_notebook.py::test_quickstart_runs_top_to_bottom",  # configs/tiny.py's full default run
         "tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes"],
     "python3 train.py": ["tests/test_notebook.py::test_quickstart_runs_top_to_bottom",
                          "tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes"],
-    "python3 -m pytest -q": [".ci/run: python3 -m pytest -q"],
+    TEST_COMMAND: [".ci/run: " + TEST_COMMAND],  # CI runs the README's test command verbatim
     "python3 benchmarks/sample_bench.py": ["tests/test_benchmarks_smoke.py::test_sample_bench_prints_the_ratio"],
     "python3 benchmarks/train_bench.py": ["tests/test_benchmarks_smoke.py::test_train_bench_prints_the_ratio"],
-    'python3 -m pip install -e ".[test]"': ['.ci/run: python3 -m pip install -q -e ".[test]"'],
+    'python3 -m pip install -e ".[test]"': [".ci/run: " + TEST_COMMAND],  # the install half of it
     'python3 -m pip install -e ".[tpu]"': ["tests/test_readme_commands.py::test_extras_the_readme_installs_exist"],
     "jupyter execute notebooks/quickstart.ipynb": ["tests/test_notebook.py::test_quickstart_runs_top_to_bottom"],
     "jupyter execute --inplace notebooks/quickstart.ipynb": [
@@ -162,7 +165,7 @@ def _node_exists(node: str) -> bool:
 def test_readme_shows_commands_and_keeps_the_new_machine_contract():
     commands, _ = _readme_blocks()
     assert "python3 -m pip install -e . && python3 train.py" in commands
-    assert "python3 -m pytest -q" in commands
+    assert TEST_COMMAND in commands
     assert len(commands) >= 15
     text = README.read_text()
     for marker in ("<!-- TPU_PLAN_TABLE -->", "<!-- BENCHMARKS -->", "<!-- TOY_RESULTS -->"):

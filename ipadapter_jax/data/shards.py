@@ -101,6 +101,21 @@ def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def check_local_shards_exist(urls: Sequence[str]) -> None:
+    """Raise `ShardSpecError` when local shards (plain paths, ``file://``) are missing: a brace pattern is
+    expanded without looking at the disk, so this is where a pattern naming absent files is caught. Remote
+    URLs and ``pipe:`` commands are left to their readers."""
+    missing = []
+    for url in urls:
+        if url_scheme(url) in ("", "file"):
+            local = url[len("file://"):] if url.startswith("file://") else url
+            if not os.path.isfile(os.path.expanduser(local)):
+                missing.append(url)
+    if missing:
+        shown = ", ".join(repr(u) for u in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ShardSpecError(f"{len(missing)} of {len(urls)} local shard(s) do not exist: {shown}")
+
+
 def resolve_process(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
     """(process_index, process_count), each defaulting to jax.process_index() / jax.process_count()."""
     if process_index is None or process_count is None:

@@ -7,6 +7,7 @@ tokenizer_2's ``!`` pad token). Nothing is downloaded.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from os import PathLike
@@ -14,6 +15,27 @@ from os import PathLike
 import numpy as np
 
 CLIP_MAX_LENGTH = 77
+_NO_TORCH_NOTICE = "PyTorch was not found."
+
+
+class _DropNoTorchNotice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found. Models won't be available ..." notice: we use
+    transformers for its tokenizer only, so torch's absence is expected and the notice reads like a broken
+    install. Every other transformers message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NO_TORCH_NOTICE)
+
+
+def _import_clip_tokenizer():
+    # transformers logs the notice on its package logger while ``import transformers`` runs, so the filter
+    # goes on that logger before the import (logging.getLogger hands transformers the same object later).
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _DropNoTorchNotice) for f in logger.filters):
+        logger.addFilter(_DropNoTorchNotice())
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer
 
 
 class CaptionTokenizer:
@@ -21,8 +43,7 @@ class CaptionTokenizer:
     truncated to ``max_length`` (EOS kept as the last token), like diffusers' training scripts."""
 
     def __init__(self, folder: str | PathLike, max_length: int = CLIP_MAX_LENGTH):
-        from transformers import CLIPTokenizer
-
+        CLIPTokenizer = _import_clip_tokenizer()
         folder = os.fspath(folder)
         has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
         # transformers 4 wrote vocab.json + merges.txt; transformers 5 may write tokenizer.json alone.

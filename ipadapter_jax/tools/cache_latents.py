@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
@@ -55,4 +55,6 @@ def run(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(run)
+    from ipadapter_jax.cli_errors import run_absl_cli
+
+    run_absl_cli("python -m ipadapter_jax.tools.cache_latents", run)  # one-line errors

@@ -22,7 +22,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -169,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--tencent-json needs --image-root and excludes --images")
         pairs = list(pairs_from_tencent_json(args.tencent_json, args.image_root))
     elif args.images:
+        if not os.path.isdir(args.images):  # else a mistyped folder writes 0 shards and looks like a success
+            parser.error(f"--images {args.images}: no such folder")
         if args.captions:
             pairs = list(pairs_from_caption_file(args.images, args.captions))
         else:
@@ -190,4 +191,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ipadapter_jax.cli_errors import run_cli
+
+    run_cli("python -m ipadapter_jax.tools.make_shards", main)  # one-line errors, exit 2 for a user mistake

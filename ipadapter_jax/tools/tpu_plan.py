@@ -29,7 +29,7 @@ from typing import Any
 # machine with libtpu but no TPU spends seconds failing to open one.)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
@@ -121,7 +121,10 @@ def main(argv):
 
     flags_ = flags.FLAGS
     if flags_.config is None:
-        raise app.UsageError("--config is required (e.g. --config configs/sd15.py)")
+        from ipadapter_jax.cli_errors import UserError
+
+        # A UserError, not absl's UsageError: app.run would print the whole usage text around it.
+        raise UserError("--config is required (e.g. --config configs/sd15.py)")
     figures, program = plan(flags_.config, flags_.topology, flags_.what, flags_.latents, flags_.base,
                             flags_.sample_batch, flags_.model_flops, hlo_path=flags_.hlo)
     for line in format_figures(figures):
@@ -135,4 +138,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from ipadapter_jax.cli_errors import run_absl_cli
+
+    run_absl_cli("python -m ipadapter_jax.tools.tpu_plan", main)  # one-line errors

@@ -15,7 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
-from ipadapter_jax.data.shards import shards_for_process
+from ipadapter_jax.data.shards import check_local_shards_exist, expand_shard_spec, shards_for_process
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.train import tiny_world
 from ipadapter_jax.train.cache_manifest import LatentCache, open_latent_cache
@@ -126,6 +126,7 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
         # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
         # processes) must fail now, not after minutes of loading and compiling.
         shards_for_process(image_shards)
+        check_local_shards_exist(expand_shard_spec(image_shards))
 
     image_encoder_dir = image_encoder_folder(model_dir, config.model.image_encoder_dir)
     frozen_models = load_frozen_models(model_dir, image_encoder_dir, compute_dtype=config.model.compute_dtype,
