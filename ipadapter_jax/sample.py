@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     print(f"loaded in {time.time() - started:.1f}s; compiling and sampling {args.num_images} image(s), "
           f"{args.steps} steps (the first run compiles; later runs reuse the compilation cache) ...", flush=True)
     started = time.time()
-    images = pipe([args.prompt] * args.num_images, ip_adapter_image=reference, ip_scale=args.scale,
+    images = pipe(args.prompt, num_images_per_prompt=args.num_images, ip_adapter_image=reference, ip_scale=args.scale,
                   negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                   scheduler=args.scheduler)

@@ -38,7 +38,7 @@ CASES = {
     "sample_adapter_of_another_base": (SAMPLE + ["--ip-adapter", "wide_adapter.safetensors"], "sample.py", 2,
                                        "the UNet needs"),
     "train_shard_braces_matching_nothing": (TRAIN + ["--config.data.shards=/nonexistent/{0..3}.tar"], "train.py",
-                                            2, "4 of 4 local shard(s) do not exist"),
+                                            2, "none of the 4 local shard(s) exists"),
     "train_shard_glob_matching_nothing": (TRAIN + ["--config.data.shards=/nonexistent/*.tar"], "train.py", 2,
                                           "matched no files"),
     "train_unknown_config_key": (TRAIN + ["--config.optimizer.learnig_rate=0.1"], "train.py", 2,

@@ -102,18 +102,20 @@ def expand_shard_spec(spec: str | Sequence[str]) -> list[str]:
 
 
 def check_local_shards_exist(urls: Sequence[str]) -> None:
-    """Raise `ShardSpecError` when local shards (plain paths, ``file://``) are missing: a brace pattern is
-    expanded without looking at the disk, so this is where a pattern naming absent files is caught. Remote
-    URLs and ``pipe:`` commands are left to their readers."""
+    """Raise `ShardSpecError` when every shard is local (plain paths, ``file://``) and none exists: a brace
+    pattern is expanded without looking at the disk, so this is where a pattern that matches nothing is
+    caught. Some shards missing among present ones stay what they were: skipped and counted by the reader
+    (a shard deleted mid-run must not stop a resume). Remote URLs and ``pipe:`` commands are left to their
+    readers."""
     missing = []
     for url in urls:
         if url_scheme(url) in ("", "file"):
             local = url[len("file://"):] if url.startswith("file://") else url
             if not os.path.isfile(os.path.expanduser(local)):
                 missing.append(url)
-    if missing:
+    if missing and len(missing) == len(urls):
         shown = ", ".join(repr(u) for u in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ShardSpecError(f"{len(missing)} of {len(urls)} local shard(s) do not exist: {shown}")
+        raise ShardSpecError(f"none of the {len(urls)} local shard(s) exists: {shown}")
 
 
 def resolve_process(process_index: int | None = None, process_count: int | None = None) -> tuple[int, int]:
