@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.model_dir = "models/stable-diffusion-v1-5"  # diffusers-layout base model folder (unet/ vae/ text_encoder/ ...)
     c.model.image_encoder_dir = "models/IP-Adapter/models/image_encoder"  # CLIPVisionModelWithProjection (ViT-H/14)
     c.model.compute_dtype = "bfloat16"  # dtype of the frozen weights and activations (the adapter trains in float32)
-    c.model.attention_implementation = "xla"  # attention kernel: "xla" (default) or another our attention supports
+    c.model.attention_implementation = "auto"  # "auto": Pallas flash attention on TPU, XLA elsewhere; or "xla", "pallas"
     c.model.remat = False  # recompute UNet blocks in the backward pass (less memory, more compute)
     c.model.sample_posterior = True  # VAE latents as a posterior sample (the reference script) rather than the mean
 

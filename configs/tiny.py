@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.model_dir = str(ASSETS / "base")  # diffusers-layout base folder; "" writes a tiny random one instead
     c.model.image_encoder_dir = ""  # CLIPVisionModelWithProjection folder; "" means model_dir/image_encoder
     c.model.compute_dtype = "float32"  # dtype of the frozen weights and activations (float32 on CPU)
-    c.model.attention_implementation = "xla"  # attention kernel: "xla" (default) or another our attention supports
+    c.model.attention_implementation = "auto"  # "auto": Pallas flash attention on TPU, XLA elsewhere; or "xla", "pallas"
     c.model.remat = False  # recompute UNet blocks in the backward pass (less memory, more compute)
     c.model.sample_posterior = True  # VAE latents as a posterior sample (the reference script) rather than the mean
 

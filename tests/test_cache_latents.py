@@ -76,7 +76,7 @@ def test_cached_steps_match_online_steps(world, frozen_models, arch, variant, tm
     online_source = make_source(config, modules, world["shards"])
     cached_source = make_source(cached_config, modules, None, cache=cache)
 
-    projection = projection_config(config, frozen_models)
+    projection = projection_config(config, frozen_models.modules)
     schedule = optax.constant_schedule(0.1)
     tx = optax.sgd(schedule)
     settings = StepSettings(projection, config.data.resolution, sample_posterior=True)

@@ -51,6 +51,19 @@ def register_attention_implementation(name: str, fn: AttentionFn) -> None:
     ATTENTION_IMPLEMENTATIONS[name] = fn
 
 
+AUTO = "auto"
+
+
+def resolve_attention_implementation(implementation: str, platform: str) -> str:
+    """``"auto"`` -> the implementation for devices of ``platform`` (``jax.Device.platform`` of the mesh the
+    program is built for, not the local default backend: a plan compiles for TPU on a CPU host): the Pallas
+    flash-attention kernels on TPU (which themselves hand short key sequences to XLA, see
+    ``pallas_attention.MIN_KV_TOKENS``), XLA elsewhere. Any other name is returned as it is."""
+    if implementation != AUTO:
+        return implementation
+    return "pallas" if platform == "tpu" else "xla"
+
+
 def attention_function(implementation: str) -> AttentionFn:
     """The registered function, importing the Pallas kernels on first use: they pull in Pallas' TPU module,
     which a CPU-only sampling or training run should not pay for."""
@@ -59,6 +72,9 @@ def attention_function(implementation: str) -> AttentionFn:
     try:
         return ATTENTION_IMPLEMENTATIONS[implementation]
     except KeyError:
+        if implementation == AUTO:
+            raise ValueError('attention implementation "auto" must be resolved for the target devices first '
+                             "(resolve_attention_implementation)") from None
         raise ValueError(
             f"unknown attention implementation {implementation!r}; known: {sorted(ATTENTION_IMPLEMENTATIONS)}"
         ) from None

@@ -35,6 +35,21 @@ def batch_multiple(mesh: Mesh, mesh_config: MeshConfig) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def padded_batch(batch: int, mesh: Mesh, mesh_config: MeshConfig) -> int:
+    """``batch`` rounded up to a multiple of the ways the batch is split."""
+    multiple = batch_multiple(mesh, mesh_config)
+    return -(-batch // multiple) * multiple
+
+
+def generate_input_shardings(mesh: Mesh, mesh_config: MeshConfig, noise, context, added, features) -> tuple:
+    """The layout of ``generate``'s per-call inputs (arrays or ``ShapeDtypeStruct``): noise split over the batch
+    axes, conditioning replicated. ``place_generate_inputs`` places with it and ``tools.sample_program`` plans
+    with it, so a plan compiles the pipeline's program."""
+    rep = replicated(mesh)
+    conditioning = jax.tree.map(lambda _: rep, (context, added, features))
+    return (batch_sharding(mesh, mesh_config, len(np.shape(noise))), *conditioning)
+
+
 def _pad_halves(x: np.ndarray, copies: int, batch: int, padded: int) -> np.ndarray:
     """``[copies * batch, ...]`` (negative half first) -> ``[copies * padded, ...]``, each half padded."""
     if padded == batch:
@@ -53,7 +68,7 @@ def place_generate_inputs(mesh: Mesh, mesh_config: MeshConfig, noise, context, a
     Returns the placed ``(noise, context, added, features)`` and the true batch ``B`` to cut the images to.
     """
     batch = int(np.shape(noise)[0])
-    padded = -(-batch // batch_multiple(mesh, mesh_config)) * batch_multiple(mesh, mesh_config)
+    padded = padded_batch(batch, mesh, mesh_config)
     host = lambda x: np.asarray(jax.device_get(x))  # noqa: E731
     noise = host(noise)
     if padded != batch:
@@ -62,10 +77,8 @@ def place_generate_inputs(mesh: Mesh, mesh_config: MeshConfig, noise, context, a
     context = pad(context)
     added = None if added is None else jax.tree.map(pad, added)
     features = [host(f) if np.shape(f)[0] == copies else pad(f) for f in features]
-    rep = replicated(mesh)
-    noise = put_host_tree(noise, batch_sharding(mesh, mesh_config, noise.ndim))
-    context, added, features = put_host_tree((context, added, features),
-                                             jax.tree.map(lambda _: rep, (context, added, features)))
+    inputs = (noise, context, added, features)
+    noise, context, added, features = put_host_tree(inputs, generate_input_shardings(mesh, mesh_config, *inputs))
     return noise, context, added, features, batch
 
 

@@ -38,6 +38,15 @@ class Program:
     repeat_jitted: Any = None
     repeat_args: tuple = ()
     repeat_count: int = 0
+    lowering: Callable[[], Any] | None = None  # how the builder lowers ``jitted`` (default: under ``tracing``)
+
+    def lower(self):
+        """``jitted`` lowered on ``args``: by the program builder's own lowering where it has one (the train
+        step's ``TrainProgram.lower``, the very call ``train.py`` compiles with)."""
+        if self.lowering is not None:
+            return self.lowering()
+        with self.tracing():
+            return self.jitted.lower(*self.args)
 
     def model_flops(self) -> float | None:
         from ipadapter_jax.tools.plan_figures import model_flops

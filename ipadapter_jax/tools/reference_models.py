@@ -4,7 +4,8 @@ from model configs alone: what a memory / cost plan compiles against, with no we
 Configs come from the training config's ``model_dir`` when its ``*/config.json`` files exist there (only the
 JSON is read), else from the published configs shipped in ``ipadapter_jax/reference_configs`` for the base
 model: ``sd15`` (Stable Diffusion 1.5) or ``sdxl`` (SDXL base 1.0); the image encoder is h94's CLIP ViT-H/14
-(``image_encoder``) unless the config's ``image_encoder_dir`` holds a ``config.json``.
+(``image_encoder``) unless the config's ``image_encoder_dir`` (or, with no ``image_encoder_dir``,
+``model_dir/image_encoder``) holds a ``config.json``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig
-from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule
-from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
-from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
+from ipadapter_jax.models.vae import VAEConfig
 from ipadapter_jax.weights.load_clip import init_clip_text_encoder, init_clip_vision_encoder
 from ipadapter_jax.weights.load_unet import unet_param_shapes
 from ipadapter_jax.weights.load_vae import vae_param_shapes
@@ -63,7 +62,9 @@ def model_configs(base: str, model_dir: str = "", image_encoder_dir: str = "") -
     for part, name in _REFERENCE_FILES[base].items():
         configs[part] = (json.loads((folder / _FOLDER_FILES[part]).read_text()) if from_folder
                          else _reference(name))
-    encoder = Path(image_encoder_dir) / "config.json" if image_encoder_dir else None
+    # As the trainer finds it (train.frozen.image_encoder_folder): the named folder, else the model's own.
+    encoder_dir = Path(image_encoder_dir) if image_encoder_dir else folder / "image_encoder" if from_folder else None
+    encoder = encoder_dir / "config.json" if encoder_dir is not None else None
     configs["image_encoder"] = (json.loads(encoder.read_text()) if encoder is not None and encoder.is_file()
                                 else _reference(_IMAGE_ENCODER_FILE))
     source = f"config.json files in {folder}" if from_folder else f"published {base} configs (reference_configs/)"
@@ -74,52 +75,31 @@ def _cast(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)), tree)
 
 
-def abstract_frozen_models(configs: dict, compute_dtype: str, attention_implementation: str, remat: bool):
-    """``(FrozenModules, abstract frozen params)`` as ``train.frozen.load_frozen_models`` would build them,
-    the params as ``ShapeDtypeStruct`` in ``compute_dtype`` (the tree the train step takes)."""
-    from ipadapter_jax.train.frozen import FrozenModules
+def abstract_frozen_models(configs: dict, compute_dtype: str, attention_implementation: str, remat: bool,
+                           platform: str = "tpu"):
+    """``(FrozenModules, abstract frozen params)`` as ``train.frozen.load_frozen_models`` would build them (the
+    same ``frozen_modules`` construction), the params as ``ShapeDtypeStruct`` in ``compute_dtype`` (the tree
+    the train step takes). ``platform``: of the devices planned for (``"auto"`` attention is resolved for it)."""
+    from ipadapter_jax.train.frozen import frozen_modules
 
     dtype = jnp.dtype(compute_dtype)
     unet_config = UNetConfig.from_diffusers(configs["unet"])
     vae_config = VAEConfig.from_diffusers(configs["vae"])
-    text_module, text_params = init_clip_text_encoder(configs["text_encoder"], dtype=dtype, shapes_only=True)
+    _, text_params = init_clip_text_encoder(configs["text_encoder"], dtype=dtype, shapes_only=True)
     params = {"unet": _cast(unet_param_shapes(unet_config), dtype),
               "vae": _cast(vae_param_shapes(vae_config), dtype),
               "text_encoder": text_params}
-    text_2 = None
-    if unet_config.addition_embed_type == "text_time":
-        text_2, params["text_encoder_2"] = init_clip_text_encoder(configs["text_encoder_2"], with_projection=True,
-                                                                  dtype=dtype, shapes_only=True)
+    sdxl = unet_config.addition_embed_type == "text_time"
+    if sdxl:
+        _, params["text_encoder_2"] = init_clip_text_encoder(configs["text_encoder_2"], with_projection=True,
+                                                             dtype=dtype, shapes_only=True)
     image_module, params["image_encoder"] = init_clip_vision_encoder(configs["image_encoder"], with_projection=True,
                                                                      dtype=dtype, shapes_only=True)
-    image_config = image_module.config
-    size = image_config.image_size
-    modules = FrozenModules(
-        unet=UNet2DConditionModel(unet_config, dtype=dtype, attention_implementation=attention_implementation,
-                                  remat=remat),
-        unet_config=unet_config, unet_raw_config=configs["unet"],
-        vae=AutoencoderKL(vae_config, attention_implementation=attention_implementation, dtype=dtype),
-        vae_config=vae_config,
-        text_encoder=text_module, text_encoder_2=text_2,
-        image_encoder=image_module, image_encoder_config=image_config,
-        schedule=NoiseSchedule.from_config(configs["scheduler"]), scheduler_config=configs["scheduler"],
-        clip_image_config=ClipImageProcessingConfig(shortest_edge=size, crop_height=size, crop_width=size),
-        tokenizer_dir="", tokenizer_2_dir="" if text_2 is not None else None,
-        text_length=text_module.config.max_position_embeddings,
-    )
+    size = image_module.config.image_size
+    modules = frozen_modules(
+        configs["unet"], vae_config, configs["text_encoder"], "text_projection" in text_params,
+        configs["text_encoder_2"] if sdxl else None, image_module.config, configs["scheduler"],
+        ClipImageProcessingConfig(shortest_edge=size, crop_height=size, crop_width=size), tokenizer_dir="",
+        tokenizer_2_dir="", compute_dtype=dtype, attention_implementation=attention_implementation, remat=remat,
+        platform=platform)
     return modules, params
-
-
-def abstract_cross_attention_kv(unet_config: UNetConfig, unet_params: Any) -> dict:
-    """Float32 ``ShapeDtypeStruct`` version of ``train.state.cross_attention_kv`` (what the adapter's paper
-    initialisation reads), for ``jax.eval_shape`` of the state initializer."""
-    from ipadapter_jax.weights.torch_layout import flax_path_of
-
-    out: dict = {}
-    for name, _ in unet_config.cross_attention_layers():
-        src, dst = unet_params, out
-        for part in flax_path_of(name + ".x")[:-1]:
-            src, dst = src[part], dst.setdefault(part, {})
-        for key in ("to_k", "to_v"):
-            dst[key] = {"kernel": jax.ShapeDtypeStruct(src[key]["kernel"].shape, jnp.float32)}
-    return out

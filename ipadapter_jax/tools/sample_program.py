@@ -38,30 +38,32 @@ def _guided_unet_step(unet, unet_config, unet_params, adapter_layers, scales, la
 
 
 def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Program:
-    """``batch`` images per call (global), guided (two UNet halves), one plain/Plus adapter from the config."""
+    """``batch`` images per call (global, padded to the mesh as the pipeline pads it), guided (two UNet
+    halves), one plain/Plus adapter from the config, inputs laid out by the pipeline's own
+    ``sharded_batch.generate_input_shardings``."""
     from ipadapter_jax.models.adapter import new_ip_adapter
+    from ipadapter_jax.models.attention import resolve_attention_implementation
+    from ipadapter_jax.pipeline.sharded_batch import generate_input_shardings, padded_batch
     from ipadapter_jax.train.config import resolve_mesh_shape
     from ipadapter_jax.train.setup import projection_config
-    from ipadapter_jax.train.sharding import batch_sharding, make_mesh, replicated, weight_shardings
+    from ipadapter_jax.train.sharding import make_mesh, replicated, weight_shardings
+    from ipadapter_jax.train.state import cross_attention_kv
     from ipadapter_jax.tools.reference_models import abstract_frozen_models
-    from ipadapter_jax.tools.train_program import _ModulesHolder
 
     data, fsdp = resolve_mesh_shape(config.mesh, len(devices))
-    if data * fsdp != len(devices) or batch % (data * fsdp):
-        raise ValueError(f"sample: {batch} images do not split over mesh data={data} x fsdp={fsdp} "
-                         f"({len(devices)} devices)")
+    if data * fsdp != len(devices):
+        raise ValueError(f"sample: mesh data={data} x fsdp={fsdp} does not cover the {len(devices)} devices")
     mesh = make_mesh(data, fsdp, devices)
+    batch = padded_batch(batch, mesh, config.mesh)
     m, v = config.model, config.validation
+    platform = devices[0].platform
+    attention = resolve_attention_implementation(m.attention_implementation, platform)
 
-    def build(attention: str):
-        modules, frozen = abstract_frozen_models(configs, m.compute_dtype, attention, False)
-        projection = projection_config(config, _ModulesHolder(modules))
-        adapter = jax.eval_shape(
-            lambda: new_ip_adapter(modules.unet_config, _kv_zeros(modules.unet_config, frozen["unet"]), projection,
-                                   jax.random.key(0)).params)
-        return modules, frozen, projection, adapter
-
-    modules, frozen, projection, adapter = build(m.attention_implementation)
+    modules, frozen = abstract_frozen_models(configs, m.compute_dtype, attention, False, platform)
+    projection = projection_config(config, modules)
+    kv = cross_attention_kv(modules.unet_config, frozen["unet"])
+    adapter = jax.eval_shape(
+        lambda kv: new_ip_adapter(modules.unet_config, kv, projection, jax.random.key(0)).params, kv)
     cfg = modules.unet_config
     sampler = make_sampler(v.sampler, modules.scheduler_config, v.num_inference_steps)
     side = config.data.resolution // modules.latent_downsample
@@ -70,36 +72,33 @@ def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Pro
     num_layers = len(cfg.cross_attention_layers())
     feature_shape = ((2, modules.image_tokens, modules.image_hidden_dim) if projection.uses_hidden_states
                      else (2, modules.image_embed_dim))
-    text = {"noise": ((batch, side, side, cfg.in_channels), f32),
-            "context": ((2 * batch, modules.text_length, cfg.cross_attention_dim), dtype)}
+    noise = jax.ShapeDtypeStruct((batch, side, side, cfg.in_channels), f32)
+    context = jax.ShapeDtypeStruct((2 * batch, modules.text_length, cfg.cross_attention_dim), dtype)
     added = None
     if modules.is_sdxl:
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         added = {"text_embeds": jax.ShapeDtypeStruct((2 * batch, pooled), dtype),
                  "time_ids": jax.ShapeDtypeStruct((2 * batch, 6), f32)}
+    features = [jax.ShapeDtypeStruct(feature_shape, f32)]
+    inputs = (noise, context, added, features)
+    noise, context, added, features = with_shardings(inputs, generate_input_shardings(mesh, config.mesh, *inputs))
     rep = replicated(mesh)
     weights = {"unet": frozen["unet"], "vae": frozen["vae"], "adapter": adapter}
-    weights_sh = weight_shardings(weights, mesh, config.mesh)
-    weights = with_shardings(weights, weights_sh)
-    by_batch = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(mesh, config.mesh, x.ndim))  # noqa: E731
-    noise = by_batch(jax.ShapeDtypeStruct(*text["noise"]))
-    context = by_batch(jax.ShapeDtypeStruct(*text["context"]))
-    added_sh = None if added is None else jax.tree.map(by_batch, added)
+    weights = with_shardings(weights, weight_shardings(weights, mesh, config.mesh))
     abstract_sampler = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=rep),
                                     sampler)
     scales = jax.ShapeDtypeStruct((1, num_layers), f32, sharding=rep)
-    features = jax.ShapeDtypeStruct(feature_shape, f32, sharding=rep)
     guidance = jax.ShapeDtypeStruct((), f32, sharding=rep)
 
     def run_generate(unet, vae, weights, sampler, noise, context, added, features, scales, guidance):
         decode = functools.partial(_decode, vae)
         return generate(unet, cfg, (projection,), True, decode, weights["unet"], weights["vae"], [weights["adapter"]],
-                        scales, sampler, noise, context, added, [features], guidance)
+                        scales, sampler, noise, context, added, features, guidance)
 
     jitted = jax.jit(functools.partial(run_generate, modules.unet, modules.vae))
-    args = (weights, abstract_sampler, noise, context, added_sh, features, scales, guidance)
+    args = (weights, abstract_sampler, noise, context, added, features, scales, guidance)
 
-    model_modules, _, _, _ = build("xla")
+    model_modules, _ = abstract_frozen_models(configs, m.compute_dtype, "xla", False, platform)
     # Both the UNet's and the VAE decoder's attention in XLA: the model count lowers for CPU.
     model_fn = functools.partial(run_generate, model_modules.unet, model_modules.vae)
     model_args = unsharded(args)
@@ -107,7 +106,7 @@ def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Pro
     # One more loop iteration, on its own, for what the cost model counts only once.
     tokens = jax.ShapeDtypeStruct((2 * batch, projection.num_tokens, cfg.cross_attention_dim), dtype)
     step_args = (weights["unet"], weights["adapter"]["layers"], scales, noise, jax.ShapeDtypeStruct((), f32, sharding=rep),
-                 context, added_sh, by_batch(tokens), guidance)
+                 context, added, with_shardings(tokens, rep), guidance)
     step = jax.jit(functools.partial(_guided_unet_step, modules.unet, cfg))
     model_step = functools.partial(_guided_unet_step, model_modules.unet, cfg)
 
@@ -119,7 +118,7 @@ def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Pro
     description = [
         f"sample: generate() with {v.sampler} x {v.num_inference_steps} steps, guidance (2 UNet halves), "
         f"{batch} images of {config.data.resolution}px per call, one {projection.variant} adapter, "
-        f"compute {m.compute_dtype}, attention {m.attention_implementation}",
+        f"compute {m.compute_dtype}, attention {attention}",
         f"mesh data={data} x fsdp={fsdp}; loop body compiled once more on its own to count "
         f"{v.num_inference_steps - 1} further steps",
     ]
@@ -128,9 +127,3 @@ def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Pro
                    tracing=lambda: jax.set_mesh(mesh), extra_model_flops=extra_model_flops, repeat_jitted=step,
                    repeat_args=step_args, repeat_count=v.num_inference_steps - 1)
 
-
-def _kv_zeros(unet_config, unet_params):
-    """Zero float32 to_k/to_v kernels in the tree layout ``new_ip_adapter`` reads (shapes only matter)."""
-    from ipadapter_jax.tools.reference_models import abstract_cross_attention_kv
-
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract_cross_attention_kv(unet_config, unet_params))

@@ -101,8 +101,7 @@ def plan(config: Any, topology_name: str, what: str = "train", latents: str = "o
         with program.model_tracing():
             flops = program.model_flops()
     start = time.time()
-    with program.tracing():
-        compiled = program.jitted.lower(*program.args).compile()
+    compiled = program.lower().compile()
     log(f"compiled for {topology.name} ({topology.num_chips} x {kind}) in {time.time() - start:.0f} s")
     if hlo_path:
         Path(hlo_path).write_text(compiled.as_text())
@@ -113,6 +112,22 @@ def plan(config: Any, topology_name: str, what: str = "train", latents: str = "o
         figures = add_repeats(figures, figures_from_compiled(body, topology, kind, 0), program.repeat_count)
         log(f"loop body compiled on its own; {program.repeat_count} more iterations added to time and FLOPs")
     return figures, program
+
+
+def source_revision() -> str:
+    """The git commit of the code that made a plan (``+dirty`` with uncommitted changes), or ``unknown``
+    outside a checkout: a plan row is only worth its command if today's code still makes it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
 
 
 def main(argv):
@@ -131,6 +146,7 @@ def main(argv):
         print(line)
     if flags_.json:
         record = {"command": " ".join(["python -m ipadapter_jax.tools.tpu_plan"] + sys.argv[1:]),
+                  "revision": source_revision(),
                   "what": flags_.what, "latents": flags_.latents if flags_.what == "train" else None,
                   "program": program.description, "mesh": program.mesh_shape, **figures.to_json()}
         Path(flags_.json).write_text(json.dumps(record, indent=2))

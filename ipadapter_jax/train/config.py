@@ -17,6 +17,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 ADAPTER_VARIANTS = ("plain", "plus")
 SAMPLERS = ("ddim", "euler", "dpm++2m")
+# "auto": Pallas flash attention on TPU devices, XLA elsewhere (models.attention.resolve_attention_implementation).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +26,7 @@ class ModelConfig:
     model_dir: str = ""
     image_encoder_dir: str = ""
     compute_dtype: str = "bfloat16"
-    attention_implementation: str = "xla"
+    attention_implementation: str = "auto"  # auto: Pallas flash attention on TPU, XLA elsewhere
     remat: bool = False
     sample_posterior: bool = True
 
@@ -185,7 +187,8 @@ class TrainConfig:
                    "checkpoint.export_dtype": (self.checkpoint.export_dtype, ("float32", "float16", "bfloat16")),
                    "optimizer.schedule": (self.optimizer.schedule, LR_SCHEDULES),
                    "adapter.variant": (self.adapter.variant, ADAPTER_VARIANTS),
-                   "validation.sampler": (self.validation.sampler, SAMPLERS)}
+                   "validation.sampler": (self.validation.sampler, SAMPLERS),
+                   "model.attention_implementation": (self.model.attention_implementation, ATTENTION_IMPLEMENTATIONS)}
         p += [f"{k}={v!r} is not one of {list(ok)}" for k, (v, ok) in choices.items() if v not in ok]
         if not 0 <= self.optimizer.final_lr_fraction <= 1:
             p.append(f"optimizer.final_lr_fraction={self.optimizer.final_lr_fraction} must be in [0, 1]")

@@ -123,13 +123,14 @@ def image_encoder_folder(model_dir: Path, image_encoder_dir: str | Path | None) 
 
 def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | None = None, *,
                        compute_dtype: Any = jnp.bfloat16, attention_implementation: str = "xla",
-                       remat: bool = False) -> FrozenModels:
-    """Read every frozen model of ``model_dir`` (see module docstring) into float32 host arrays."""
+                       remat: bool = False, platform: str | None = None) -> FrozenModels:
+    """Read every frozen model of ``model_dir`` (see module docstring) into float32 host arrays.
+    ``platform``: of the devices the models will run on, for ``attention_implementation="auto"`` (default:
+    the default backend's)."""
     model_dir = local_folder(model_dir)  # gs:// and other URLs: a cached local copy
     image_encoder_dir = image_encoder_folder(model_dir, image_encoder_dir)
     if not model_dir.is_dir():
         raise WeightFileError(f"model_dir {model_dir}: no such folder")
-    dtype = jnp.dtype(compute_dtype)
     with _on_host():
         unet_raw = read_json(model_dir / "unet" / "config.json")
         unet_config = UNetConfig.from_diffusers(unet_raw)
@@ -142,11 +143,10 @@ def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | No
                                    dtype=np.float32)
         _, text_params, text_config = load_clip_text_encoder(model_dir / "text_encoder", "float32")
         params = {"unet": unet_params, "vae": vae_params, "text_encoder": _to_numpy(text_params)}
-        text_2 = None
+        text_2_config = None
         if unet_config.addition_embed_type == "text_time":
             _, text_2_params, text_2_config = load_clip_text_encoder(model_dir / "text_encoder_2", "float32")
             params["text_encoder_2"] = _to_numpy(text_2_params)
-            text_2 = build_clip_text_encoder(text_2_config, with_projection=True, dtype=dtype)[0]
         _, image_params, image_config = load_clip_vision_encoder(image_encoder_dir, "float32")
         params["image_encoder"] = _to_numpy(image_params)
     with_projection = "visual_projection" in params["image_encoder"]
@@ -158,24 +158,44 @@ def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | No
     if (clip_image_config.crop_height, clip_image_config.crop_width) != (image_config.image_size,) * 2:
         raise WeightFileError(f"{image_encoder_dir}: CLIP preprocessing crops to {clip_image_config.crop_height}x"
                               f"{clip_image_config.crop_width} but the encoder takes {image_config.image_size}px")
-    tokenizer_2 = model_dir / "tokenizer_2"
-    modules = FrozenModules(
-        unet=UNet2DConditionModel(unet_config, dtype=dtype, attention_implementation=attention_implementation,
-                                  remat=remat),
+    modules = frozen_modules(
+        unet_raw, vae_config, text_config, "text_projection" in params["text_encoder"], text_2_config, image_config,
+        scheduler_config, clip_image_config, tokenizer_dir=str(model_dir / "tokenizer"),
+        tokenizer_2_dir=str(model_dir / "tokenizer_2"), compute_dtype=compute_dtype,
+        attention_implementation=attention_implementation, remat=remat, platform=platform)
+    return FrozenModels(modules, params)
+
+
+def frozen_modules(unet_raw: dict, vae_config: VAEConfig, text_config: Any, text_projection: bool,
+                   text_2_config: Any, image_config: Any, scheduler_config: dict,
+                   clip_image_config: ClipImageProcessingConfig, *, tokenizer_dir: str, tokenizer_2_dir: str,
+                   compute_dtype: Any, attention_implementation: str, remat: bool,
+                   platform: str | None = None) -> FrozenModules:
+    """The modules of the frozen models from their configs (dicts or parsed configs), the one construction
+    the trainer (``load_frozen_models``) and the plans (``tools.reference_models``) share, so both build the
+    same step. ``text_2_config`` is None for SD1.5-style models. ``attention_implementation="auto"`` is
+    resolved for ``platform`` (``models.attention.resolve_attention_implementation``)."""
+    from ipadapter_jax.models.attention import resolve_attention_implementation
+
+    dtype = jnp.dtype(compute_dtype)
+    attention = resolve_attention_implementation(attention_implementation, platform or jax.devices()[0].platform)
+    unet_config = UNetConfig.from_diffusers(unet_raw)
+    text_encoder, text_config = build_clip_text_encoder(text_config, with_projection=text_projection, dtype=dtype)
+    text_2 = None
+    if text_2_config is not None:
+        text_2 = build_clip_text_encoder(text_2_config, with_projection=True, dtype=dtype)[0]
+    image_encoder, image_config = build_clip_vision_encoder(image_config, with_projection=True, dtype=dtype)
+    return FrozenModules(
+        unet=UNet2DConditionModel(unet_config, dtype=dtype, attention_implementation=attention, remat=remat),
         unet_config=unet_config, unet_raw_config=unet_raw,
-        vae=AutoencoderKL(vae_config, attention_implementation=attention_implementation, dtype=dtype),
-        vae_config=vae_config,
-        text_encoder=build_clip_text_encoder(text_config, with_projection="text_projection" in params["text_encoder"],
-                                             dtype=dtype)[0],
-        text_encoder_2=text_2,
-        image_encoder=build_clip_vision_encoder(image_config, with_projection=True, dtype=dtype)[0],
-        image_encoder_config=image_config,
+        vae=AutoencoderKL(vae_config, attention_implementation=attention, dtype=dtype),
+        vae_config=vae_config, text_encoder=text_encoder, text_encoder_2=text_2,
+        image_encoder=image_encoder, image_encoder_config=image_config,
         schedule=NoiseSchedule.from_config(scheduler_config), scheduler_config=scheduler_config,
-        clip_image_config=clip_image_config, tokenizer_dir=str(model_dir / "tokenizer"),
-        tokenizer_2_dir=str(tokenizer_2) if text_2 is not None else None,
+        clip_image_config=clip_image_config, tokenizer_dir=tokenizer_dir,
+        tokenizer_2_dir=tokenizer_2_dir if text_2 is not None else None,
         text_length=text_config.max_position_embeddings,
     )
-    return FrozenModels(modules, params)
 
 
 def clip_preprocessing(model_dir: Path, image_encoder_dir: Path, image_size: int) -> ClipImageProcessingConfig:

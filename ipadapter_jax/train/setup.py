@@ -19,13 +19,12 @@ from ipadapter_jax.data.shards import check_local_shards_exist, expand_shard_spe
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.train import tiny_world
 from ipadapter_jax.train.cache_manifest import LatentCache, open_latent_cache
-from ipadapter_jax.train.config import TrainConfig, check_against_devices
-from ipadapter_jax.train.frozen import FrozenModels, image_encoder_folder, load_frozen_models
-from ipadapter_jax.train.sharding import (batch_sharding, logical_spec, make_mesh, put_host_tree, replicated,
-                                          weight_shardings)
-from ipadapter_jax.train.state import (TrainState, cross_attention_kv, make_optimizer, state_initializer,
-                                       state_shardings)
-from ipadapter_jax.train.step import StepSettings, abstract_batch, batch_keys, make_train_step
+from ipadapter_jax.train.config import TrainConfig
+from ipadapter_jax.train.frozen import FrozenModels, FrozenModules, image_encoder_folder, load_frozen_models
+from ipadapter_jax.train.program import TrainProgram, build_train_program, train_mesh
+from ipadapter_jax.train.sharding import logical_spec, put_host_tree, replicated
+from ipadapter_jax.train.state import TrainState, cross_attention_kv
+from ipadapter_jax.train.step import StepSettings, batch_keys
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
 from ipadapter_jax.weights.remote_files import local_folder
 
@@ -44,19 +43,39 @@ class TrainingSetup:
     frozen_models: FrozenModels
     frozen: dict  # frozen params on the mesh, compute dtype
     projection: ProjectionConfig
-    settings: StepSettings
-    tx: optax.GradientTransformation
-    lr_schedule: optax.Schedule
-    init_state: Any  # jitted (rng, kv) -> TrainState with out_shardings
+    program: TrainProgram  # the one train-step builder's output (what tpu_plan compiles for a slice)
     kv: dict  # cross-attention to_k/to_v kernels (host) for the paper init
-    abstract_state: TrainState  # ShapeDtypeStructs carrying shardings
     abstract_rng_data: jax.ShapeDtypeStruct
-    batch_shardings: dict
     compiled_step: Any
 
     @property
     def modules(self):
         return self.frozen_models.modules
+
+    # The program's parts the loop reads, by their old names.
+    @property
+    def settings(self) -> StepSettings:
+        return self.program.settings
+
+    @property
+    def tx(self) -> optax.GradientTransformation:
+        return self.program.tx
+
+    @property
+    def lr_schedule(self) -> optax.Schedule:
+        return self.program.lr_schedule
+
+    @property
+    def init_state(self):
+        return self.program.init_state
+
+    @property
+    def abstract_state(self) -> TrainState:
+        return self.program.abstract_state
+
+    @property
+    def batch_shardings(self) -> dict:
+        return self.program.batch_shardings
 
     @property
     def replicated(self) -> NamedSharding:
@@ -97,8 +116,9 @@ def wait_for_all_processes(name: str, timeout_s: float = 3600) -> None:
         ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
 
 
-def projection_config(config: TrainConfig, frozen_models: FrozenModels) -> ProjectionConfig:
-    modules, a = frozen_models.modules, config.adapter
+def projection_config(config: TrainConfig, modules: FrozenModules) -> ProjectionConfig:
+    """The adapter's projection net for ``config.adapter`` on these models (input and output widths)."""
+    a = config.adapter
     cross = modules.unet_config.cross_attention_dim
     if a.variant == "plain":
         return ProjectionConfig("plain", embed_dim=modules.image_embed_dim, cross_attention_dim=cross,
@@ -111,16 +131,11 @@ def projection_config(config: TrainConfig, frozen_models: FrozenModels) -> Proje
                             dim_head=a.dim_head, ff_mult=a.ff_mult)
 
 
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-
-
 def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     workdir = Path(workdir)
-    data, fsdp = check_against_devices(config, jax.device_count(), jax.process_count())
-    mesh = make_mesh(data, fsdp)
-    logger.info("mesh: data=%d x fsdp=%d over %d devices in %d processes", data, fsdp, jax.device_count(),
-                jax.process_count())
+    mesh = train_mesh(config, jax.devices(), jax.process_count())
+    logger.info("mesh: data=%d x fsdp=%d over %d devices in %d processes", mesh.shape["data"], mesh.shape["fsdp"],
+                jax.device_count(), jax.process_count())
     model_dir, image_shards = tiny_world_paths(config, workdir)
     if not config.data.cache_latents and not config.data.tfds_name:
         # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
@@ -131,7 +146,7 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
     image_encoder_dir = image_encoder_folder(model_dir, config.model.image_encoder_dir)
     frozen_models = load_frozen_models(model_dir, image_encoder_dir, compute_dtype=config.model.compute_dtype,
                                        attention_implementation=config.model.attention_implementation,
-                                       remat=config.model.remat)
+                                       remat=config.model.remat, platform=mesh.devices.flat[0].platform)
     modules = frozen_models.modules
     if config.data.resolution % modules.latent_downsample:
         raise ValueError(f"data.resolution={config.data.resolution} is not a multiple of the VAE's downsampling "
@@ -146,47 +161,27 @@ def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
         # The step needs only the UNet; validation (if on) still encodes its prompts and decodes its samples.
         kept = host_frozen if config.validation.every_steps else {"unet": host_frozen["unet"]}
         host_frozen = {**kept, "image_uncond": cache.uncond["image_features"]}
-    frozen_shardings = weight_shardings(host_frozen, mesh, config.mesh)
-    frozen = put_host_tree(host_frozen, frozen_shardings)
-    _log_layout("frozen weights", host_frozen, frozen_shardings)
-    abstract_frozen = _with_shardings(jax.eval_shape(lambda: host_frozen), frozen_shardings)
-    del host_frozen
 
-    projection = projection_config(config, frozen_models)
-    tx, lr_schedule = make_optimizer(config.optimizer, config.num_steps)
+    projection = projection_config(config, modules)
     init_adapter = load_ip_adapter(config.adapter.init_from) if config.adapter.init_from else None
-    init = state_initializer(modules.unet_config, projection, tx, init_adapter)
-    kv = cross_attention_kv(modules.unet_config, frozen_models.host_params["unet"])
-    abstract_state = jax.eval_shape(init, jax.random.key(0), kv)
-    rep = replicated(mesh)
-    state_sh = state_shardings(abstract_state, lambda tree: weight_shardings(tree, mesh, config.mesh), rep)
-    abstract_state = _with_shardings(abstract_state, state_sh)
-    init_state = jax.jit(init, out_shardings=state_sh)
-
-    settings = StepSettings(projection, config.data.resolution, config.optimizer.grad_accum_steps,
-                            config.loss.noise_offset, config.loss.min_snr_gamma, config.model.sample_posterior,
-                            cached_latents=cache is not None)
-    step_fn = make_train_step(modules, tx, lr_schedule, settings,
-                              micro_batch_sharding=lambda ndim: batch_sharding(mesh, config.mesh, ndim))
-    batch = abstract_batch(modules, config.batch_size, config.data.resolution, settings)
-    batch_sh = {k: batch_sharding(mesh, config.mesh, v.ndim) for k, v in batch.items()}
-    abstract_rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_shardings, batch_sh, rep),
-                     out_shardings=(state_sh, rep), donate_argnums=(0,))
-    compiled = jitted.lower(abstract_state, abstract_frozen, _with_shardings(batch, batch_sh),
-                            abstract_rng).compile()
+    program = build_train_program(config, mesh, modules, host_frozen, projection, cached_latents=cache is not None,
+                                  init_adapter=init_adapter)
+    frozen = put_host_tree(host_frozen, program.frozen_shardings)
+    _log_layout("frozen weights", host_frozen, program.frozen_shardings)
+    del host_frozen
+    compiled = program.compile()
     _log_memory(compiled)
     # Processes finish loading and compiling at different times (a compilation-cache hit on one, a miss on
     # another); the first collective after this would time out (gloo waits 30 s) if one were minutes late.
     wait_for_all_processes("setup_done")
+    rep = replicated(mesh)
     rng_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     return TrainingSetup(
         config=config, workdir=workdir, mesh=mesh, model_dir=model_dir, shards=shards, image_shards=image_shards,
-        cache=cache,
-        frozen_models=frozen_models, frozen=frozen, projection=projection, settings=settings, tx=tx,
-        lr_schedule=lr_schedule, init_state=init_state, kv=kv, abstract_state=abstract_state,
+        cache=cache, frozen_models=frozen_models, frozen=frozen, projection=projection, program=program,
+        kv=cross_attention_kv(modules.unet_config, frozen_models.host_params["unet"]),
         abstract_rng_data=jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=rep),
-        batch_shardings=batch_sh, compiled_step=compiled,
+        compiled_step=compiled,
     )
 
 

@@ -61,15 +61,22 @@ def make_optimizer(config: OptimizerConfig, num_steps: int) -> tuple[optax.Gradi
 
 def cross_attention_kv(unet_config: UNetConfig, unet_params: dict) -> dict:
     """The sub-tree of ``unet_params`` holding only each cross-attention's ``to_k`` / ``to_v`` kernels: all
-    that the paper initialisation of a new adapter reads (and all that has to reach the init's devices)."""
+    that the paper initialisation of a new adapter reads (and all that has to reach the init's devices).
+    Float32 numpy for arrays; float32 ``ShapeDtypeStruct`` for abstract params (a plan, ``jax.eval_shape``)."""
     out: dict = {}
     for name, _ in unet_config.cross_attention_layers():
         src, dst = unet_params, out
         for part in flax_path_of(name + ".x")[:-1]:
             src, dst = src[part], dst.setdefault(part, {})
-        dst["to_k"] = {"kernel": np.asarray(src["to_k"]["kernel"], np.float32)}
-        dst["to_v"] = {"kernel": np.asarray(src["to_v"]["kernel"], np.float32)}
+        for key in ("to_k", "to_v"):
+            dst[key] = {"kernel": _float32(src[key]["kernel"])}
     return out
+
+
+def _float32(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, np.float32)
+    return np.asarray(x, np.float32)
 
 
 def state_initializer(unet_config: UNetConfig, projection: ProjectionConfig, tx: optax.GradientTransformation,
