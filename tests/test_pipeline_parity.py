@@ -2,9 +2,16 @@
 random components saved with ``save_pretrained``, both sides loading from disk, the same starting latents.
 
 Metric: max |our pixels - diffusers' pixels| over the whole image batch (values in [0, 1]), <= 2e-3, fp32.
+``test_diffusers_parity_on_eight_devices`` runs the DDIM cases again in a process with 8 simulated CPU
+devices, where the pipeline splits (and pads) the batch over all of them.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +21,7 @@ from ipadapter_jax import IPAdapterPipeline
 from ipadapter_jax.testing.reference_pipelines import build_pipeline_dir, reference_image, write_adapter
 
 TOL = 2e-3
+DEVICES_ENV = "IPADAPTER_JAX_PARITY_DEVICES"
 STEPS = 4
 SIZE = 32
 BATCH = 2
@@ -28,6 +36,9 @@ class Pair:
         self.adapter = write_adapter(folder, variant, seed=1)
         self.ours = IPAdapterPipeline.from_pretrained(folder, ip_adapter=self.adapter,
                                                       image_encoder=folder / "image_encoder")
+        devices = int(os.environ.get(DEVICES_ENV, "0"))
+        if devices:  # the multi-device run: the pipeline must really sample over every device
+            assert self.ours.mesh.size == devices, self.ours.mesh
         self.theirs = DiffusionPipeline.from_pretrained(folder)
         self.theirs.load_ip_adapter(str(folder), subfolder="", weight_name=self.adapter.name,
                                     image_encoder_folder=None)
@@ -76,3 +87,15 @@ def test_pixels_match_diffusers(pair, scheduler, guidance, scales):
     if 0.0 in images:
         # The image prompt must move pixels by more than the tolerance, or the comparison proves little.
         assert np.abs(images[1.0] - images[0.0]).max() > TOL, "the image prompt changed nothing"
+
+
+@pytest.mark.slow
+def test_diffusers_parity_on_eight_devices():
+    """The DDIM + guidance cases of every model pair, in a process with 8 simulated CPU devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               **{DEVICES_ENV: "8"})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "test_pixels_match_diffusers and ddim-g7.5"], cwd=Path(__file__).resolve().parents[1],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "4 passed" in proc.stdout, proc.stdout[-2000:]

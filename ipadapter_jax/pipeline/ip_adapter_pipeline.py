@@ -20,6 +20,7 @@ from ipadapter_jax.models.vae import decode_latents
 from ipadapter_jax.pipeline.components import BaseModel, ImageEncoder, load_base_model, load_image_encoder
 from ipadapter_jax.pipeline.conditioning import as_image_list, encode_image_prompt, encode_text, pil_or_array
 from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.models.attention import resolve_attention_implementation
 from ipadapter_jax.pipeline.sharded_batch import local_mesh, place_generate_inputs, place_replicated
 from ipadapter_jax.train.config import MeshConfig
 from ipadapter_jax.train.sharding import put_host_tree, weight_shardings
@@ -53,10 +54,12 @@ class IPAdapterPipeline:
     Sampling runs on every local device: a ``data`` x ``fsdp`` mesh over ``devices`` (default: all of this
     process's), the batch split over it (padded to a multiple of the device count and cut back), the UNet,
     VAE and adapter weights replicated, or split over ``fsdp`` devices when ``fsdp > 1`` (as in training).
+    ``attention_implementation`` for the UNet and VAE decoder: ``"auto"`` (Pallas flash attention when the
+    devices are TPUs, XLA elsewhere), ``"xla"``, ``"pallas"``, ...; resolved for the mesh's devices.
     """
 
     def __init__(self, base: BaseModel, adapters: Sequence[IPAdapter] = (), image_encoder: ImageEncoder | None = None,
-                 devices: Sequence[jax.Device] | None = None, fsdp: int = 1):
+                 devices: Sequence[jax.Device] | None = None, fsdp: int = 1, attention_implementation: str = "auto"):
         for adapter in adapters:
             check_adapter_fits(base.unet_config, adapter)
         if adapters and image_encoder is None:
@@ -66,8 +69,12 @@ class IPAdapterPipeline:
         # The denoising loop's weights live on the mesh once, not copied there on every call; the text and
         # image encoders run once per call and stay where they were loaded.
         place = lambda tree: put_host_tree(jax.device_get(tree), weight_shardings(tree, self.mesh, self.mesh_config))  # noqa: E731
-        base = dataclasses.replace(base, unet=dataclasses.replace(base.unet, params=place(base.unet.params)),
-                                   vae=dataclasses.replace(base.vae, params=place(base.vae.params)))
+        self.attention_implementation = resolve_attention_implementation(attention_implementation,
+                                                                         self.mesh.devices.flat[0].platform)
+        on_mesh = lambda part: dataclasses.replace(  # noqa: E731
+            part, params=place(part.params),
+            module=part.module.clone(attention_implementation=self.attention_implementation))
+        base = dataclasses.replace(base, unet=on_mesh(base.unet), vae=on_mesh(base.vae))
         self.base = base
         self.adapters = [dataclasses.replace(a, params=place(a.params)) for a in adapters]
         self.image_encoder = image_encoder
@@ -78,12 +85,13 @@ class IPAdapterPipeline:
     @classmethod
     def from_pretrained(cls, sd_dir: PathLike, ip_adapter: PathLike | Sequence[PathLike] | None = None,
                         image_encoder: PathLike | None = None, dtype: str = "float32",
-                        devices: Sequence[jax.Device] | None = None, fsdp: int = 1) -> "IPAdapterPipeline":
+                        devices: Sequence[jax.Device] | None = None, fsdp: int = 1,
+                        attention_implementation: str = "auto") -> "IPAdapterPipeline":
         """``sd_dir``: diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
         ``tokenizer/``, ``scheduler/``, and for SDXL ``text_encoder_2/``, ``tokenizer_2/``). ``ip_adapter``:
         one published-layout file or a list. ``image_encoder``: a transformers CLIPVisionModelWithProjection
         folder (found beside the adapter or in ``sd_dir`` when omitted). ``dtype``: "float32" or "bfloat16".
-        ``devices``, ``fsdp``: the sampling mesh (see the class docstring)."""
+        ``devices``, ``fsdp``, ``attention_implementation``: see the class docstring."""
         # gs:// and other URLs: cached local copies (see weights/remote_files.py).
         sd_dir = local_folder(sd_dir)
         specs = [] if ip_adapter is None else list(
@@ -99,7 +107,8 @@ class IPAdapterPipeline:
                 raise FileNotFoundError("no image encoder: pass image_encoder=DIR (a CLIPVisionModelWithProjection "
                                         "folder), or put it in <sd_dir>/image_encoder")
             encoder = load_image_encoder(folder, dtype, base_folder=sd_dir)
-        return cls(base, adapters, encoder, devices=devices, fsdp=fsdp)
+        return cls(base, adapters, encoder, devices=devices, fsdp=fsdp,
+                   attention_implementation=attention_implementation)
 
     def default_size(self) -> tuple[int, int]:
         size = self.base.unet_config.sample_size * self.base.vae_scale_factor

@@ -1,7 +1,12 @@
-"""The plan table of TPU_PLANS.md from ``tpu_plan --json`` files: one markdown row per plan, every figure a
-compiler estimate, each row followed in a second table by the command that produced it.
+"""The plan tables of TPU_PLANS.md and README.md from ``tpu_plan --json`` files: one markdown row per plan,
+every figure a compiler estimate, each row followed in a second table by the command that produced it.
 
-    python -m ipadapter_jax.tools.plan_table benchmarks/tpu_plans/*.json
+    python -m ipadapter_jax.tools.plan_table benchmarks/tpu_plans/*.json     # print a table
+    python -m ipadapter_jax.tools.plan_table --write README.md TPU_PLANS.md  # regenerate the docs' tables
+
+In a doc, a table lives between ``<!-- plan table: FILE.json ... -->`` and ``<!-- end plan table -->``; the
+files named in the opening marker are the rows, in order. ``tests/test_plan_docs.py`` fails when a doc's
+table is not what its files generate.
 """
 
 from __future__ import annotations
@@ -65,13 +70,40 @@ def command_writing(record: dict, path: str) -> str:
     return f"{command} --json {path}"
 
 
-def main(paths: list[str]) -> None:
+def load_records(paths: list[str], root: Path = Path(".")) -> list[dict]:
     records = []
     for p in paths:
-        record = json.loads(Path(p).read_text())
+        record = json.loads((root / p).read_text())
         record["command"] = command_writing(record, p)
         records.append(record)
-    print("\n".join(table(records)))
+    return records
+
+
+_BLOCK = re.compile(r"(<!-- plan table: (?P<files>[^>]*?) -->\n)(?P<body>.*?)(<!-- end plan table -->)", re.S)
+
+
+def regenerate(text: str, root: Path = Path(".")) -> str:
+    """``text`` with every plan-table block replaced by the table its marker's files generate."""
+    def replace(match: re.Match) -> str:
+        body = "\n".join(table(load_records(match.group("files").split(), root)))
+        return match.group(1) + body + "\n" + match.group(4)
+
+    return _BLOCK.sub(replace, text)
+
+
+def table_files(text: str) -> list[str]:
+    """The plan JSONs the doc's table blocks name."""
+    return [f for m in _BLOCK.finditer(text) for f in m.group("files").split()]
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--write"]:
+        for doc in argv[1:]:
+            path = Path(doc)
+            path.write_text(regenerate(path.read_text()))
+            print(f"regenerated the plan tables of {doc}")
+        return
+    print("\n".join(table(load_records(argv))))
 
 
 if __name__ == "__main__":

@@ -115,15 +115,16 @@ def plan(config: Any, topology_name: str, what: str = "train", latents: str = "o
 
 
 def source_revision() -> str:
-    """The git commit of the code that made a plan (``+dirty`` with uncommitted changes), or ``unknown``
-    outside a checkout: a plan row is only worth its command if today's code still makes it."""
+    """The git commit of the code that made a plan (``+dirty`` with uncommitted changes to the library or the
+    configs), or ``unknown`` outside a checkout: a plan row is only worth its command if today's code still
+    makes it. Read before compiling, so edits made during a long compile do not mislabel it."""
     import subprocess
 
     root = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "ipadapter_jax", "configs"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -140,13 +141,14 @@ def main(argv):
 
         # A UserError, not absl's UsageError: app.run would print the whole usage text around it.
         raise UserError("--config is required (e.g. --config configs/sd15.py)")
+    revision = source_revision()
     figures, program = plan(flags_.config, flags_.topology, flags_.what, flags_.latents, flags_.base,
                             flags_.sample_batch, flags_.model_flops, hlo_path=flags_.hlo)
     for line in format_figures(figures):
         print(line)
     if flags_.json:
         record = {"command": " ".join(["python -m ipadapter_jax.tools.tpu_plan"] + sys.argv[1:]),
-                  "revision": source_revision(),
+                  "revision": revision,
                   "what": flags_.what, "latents": flags_.latents if flags_.what == "train" else None,
                   "program": program.description, "mesh": program.mesh_shape, **figures.to_json()}
         Path(flags_.json).write_text(json.dumps(record, indent=2))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 ITEMS = ("adapter", "opt_state", "step", "data", "rng", "config")
 TRASH = ".deleted"  # inside checkpoints/: pruned checkpoints on their way out
+DAMAGED = "checkpoints.damaged"  # beside checkpoints/: checkpoints that did not restore, moved aside, kept
 EXPORT_NAME = "ip_adapter.safetensors"
 
 
@@ -63,6 +65,46 @@ def host_copy(tree: Any) -> Any:
 class CheckpointSaveError(RuntimeError):
     """A checkpoint (or the adapter export) could not be written: the message names the step, the folder,
     the cause and the last complete checkpoint, which a rerun resumes from."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint is intact but holds a state of other shapes than the config builds (the adapter or
+    optimizer config changed): nothing is moved; resume with the old config or train in another workdir."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint of the workdir restores; the message names them and where they were moved."""
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    # tensorstore appends the whole spec of the array it failed on: the first sentence is the message.
+    text = " ".join(str(exc).split("See full TensorStore details")[0].split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore, orbax leaves the reads of the other arrays as coroutines whose exceptions nobody
+    retrieves; Python prints each with a traceback when it is collected (often at exit). Those are the same
+    damage the one warning line already reported: drop them, pass every other unraisable on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_abandoned_orbax_reads", False):
+        return
+
+    def hook(unraisable):
+        where = getattr(unraisable.object, "__qualname__", "") or repr(unraisable.object)
+        if "_read_array_index_and_device_put" in where or "orbax" in where:
+            return
+        previous(unraisable)
+
+    hook._drops_abandoned_orbax_reads = True
+    sys.unraisablehook = hook
+
+
+def _is_mismatch(exc: BaseException) -> bool:
+    # orbax's wording for a request that does not fit intact data (see restore_newest_intact).
+    text = str(exc)
+    return isinstance(exc, ValueError) and ("is not compatible with the stored shape" in text
+                                            or "tree structures do not match" in text)
 
 
 class Checkpointer:
@@ -171,6 +213,77 @@ class Checkpointer:
         step_array = jax.device_put(np.asarray(saved_step, np.int32), abstract_state.step.sharding)
         state = TrainState(step=step_array, params=restored["adapter"], opt_state=restored["opt_state"])
         return state, restored["rng"]["key_data"], restored["data"], restored["config"]
+
+    def restore_newest_intact(self, abstract_state: TrainState, abstract_rng_data: jax.ShapeDtypeStruct
+                              ) -> tuple[TrainState, jax.Array, dict, dict, int]:
+        """``restore`` of the newest checkpoint that restores, and its step. A checkpoint that fails to read
+        (truncated or missing files, a deleted item, garbage metadata, arrays of other dtypes than saved) is
+        reported in one warning line, moved aside into ``WORKDIR/checkpoints.damaged/`` (never deleted or
+        overwritten) and the previous one is tried. Raises ``CheckpointMismatchError`` when an intact
+        checkpoint does not fit ``abstract_state`` (a changed config: nothing is moved) and
+        ``CheckpointRestoreError`` when none restores."""
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                # From the stored metadata first: a state of other shapes is a changed config, and finding
+                # that before reading any array leaves no half-finished reads behind.
+                if not self._stored_shapes_fit(step, abstract_state):
+                    raise CheckpointMismatchError(
+                        f"the checkpoint at step {step} in {self.directory} holds an adapter / optimizer state "
+                        f"of other shapes than this config builds; resume with the config it was trained with "
+                        f"(its config item), or train in another workdir")
+                restored = self.restore(abstract_state, abstract_rng_data, step)
+            except CheckpointMismatchError:
+                raise
+            except Exception as exc:
+                if _is_mismatch(exc):
+                    raise CheckpointMismatchError(
+                        f"the checkpoint at step {step} in {self.directory} does not fit this config's adapter "
+                        f"state ({_one_line(exc, 160)}); resume with the config it was trained with, or train in "
+                        f"another workdir") from exc
+                _quiet_abandoned_reads()
+                where = self._move_aside(step)
+                damaged.append(step)
+                logger.warning("checkpoint step %d is damaged and does not restore (%s); moved it to %s and "
+                               "trying the previous one", step, _one_line(exc), where)
+                continue
+            return (*restored, step)
+        raise CheckpointRestoreError(
+            f"no checkpoint in {self.directory} restores: step(s) {', '.join(map(str, damaged))} are damaged and "
+            f"were moved to {self.workdir / DAMAGED}; train in a new workdir, or restore a copy of the checkpoints")
+
+    def _stored_shapes_fit(self, step: int, abstract_state: TrainState) -> bool:
+        """Whether the stored adapter and optimizer arrays have the expected shapes. Raises (the checkpoint is
+        damaged) when the metadata does not read, or when the shapes fit but the dtypes do not: orbax would
+        cast such arrays to the requested dtype silently, and this trainer never writes them so."""
+        handler = ocp.StandardCheckpointHandler()
+        fits = True
+        for item, expected in (("adapter", abstract_state.params), ("opt_state", abstract_state.opt_state)):
+            stored = jax.tree.leaves(handler.metadata(self.directory / str(step) / item).tree)
+            shapes = lambda leaves: sorted(tuple(x.shape) for x in leaves)  # noqa: E731
+            if shapes(stored) != shapes(jax.tree.leaves(expected)):
+                fits = False
+                continue
+            layout = lambda leaves: sorted((tuple(x.shape), str(x.dtype)) for x in leaves)  # noqa: E731
+            if layout(stored) != layout(jax.tree.leaves(expected)):
+                raise ValueError(f"{item}: arrays stored in other dtypes than this trainer writes")
+        return fits
+
+    def _move_aside(self, step: int) -> Path:
+        """Move a damaged checkpoint out of orbax's sight into ``checkpoints.damaged/<step>[.<n>]``."""
+        target_dir = self.workdir / DAMAGED
+        target = target_dir / str(step)
+        n = 0
+        while target.exists():
+            n += 1
+            target = target_dir / f"{step}.{n}"
+        if jax.process_index() == 0:
+            target_dir.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint_{step}_moved_aside")
+        self.manager.reload()
+        return target
 
     def read_json(self, step: int, item: str) -> dict:
         """One JSON item (``step``, ``data`` or ``config``) of a checkpoint, without restoring arrays."""

@@ -102,7 +102,8 @@ def _initial_state(setup: TrainingSetup, checkpointer: Checkpointer, resume: boo
         state = setup.init_state(replicated_key(init_rng, setup.mesh), kv)
         rng = replicated_key(rng, setup.mesh)
         return state, rng, None, None
-    state, rng, data_saved, saved_config = checkpointer.restore(setup.abstract_state, setup.abstract_rng_data)
+    state, rng, data_saved, saved_config, latest = checkpointer.restore_newest_intact(setup.abstract_state,
+                                                                                      setup.abstract_rng_data)
     rng = replicated_key(rng, setup.mesh)
     changed = _changed_keys(saved_config, setup.config.to_dict())
     if changed:
