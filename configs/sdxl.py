@@ -1,8 +1,7 @@
 """IP-Adapter for SDXL (plain adapter, 4 tokens, CLIP ViT-H/14 image encoder as h94's ip-adapter_sdxl_vit-h) at
 1024px. The frozen UNet and text encoders are split over ``mesh.fsdp`` devices and UNet blocks are
-rematerialised. TPU plans (TPU_PLANS.md, compiler estimates): as is, the step fits v5p-8 (26.6 of 95 GiB per
-chip); on 16 GiB v5e chips it fits with ``--config.mesh.fsdp=8``, cached latents and
-``--config.model.attention_implementation=pallas`` (9.0 GiB per chip at 8 images per chip).
+rematerialised. Its TPU plan as shipped (v5p-8, FSDP over the 4 chips, Pallas attention through "auto") is in
+TPU_PLANS.md; 16 GiB v5e chips need the weights split over more chips (``--config.mesh.fsdp=8``).
 
 Usage: python train.py --config configs/sdxl.py --workdir /mnt/runs/sdxl \
     --config.model.model_dir=/models/stable-diffusion-xl-base-1.0 \

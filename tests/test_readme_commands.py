@@ -66,6 +66,11 @@ COVERED_BY = {
         "tests/test_train_multidevice.py::test_eight_devices_give_the_same_losses_and_adapter",
         "tests/test_train_config.py::test_shipped_configs_set_and_comment_every_field"],
     "python3 -m ipadapter_jax.tools.tpu_plan": ["tests/test_tpu_plan.py::test_plan_on_tpu_topology"],
+    # The commands of the plan tables' rows (they made the committed JSONs) and the table generator.
+    "python -m ipadapter_jax.tools.tpu_plan": ["tests/test_tpu_plan.py::test_plan_on_tpu_topology",
+                                               "tests/test_plan_docs.py::test_plan_records_its_command_and_revision"],
+    "python -m ipadapter_jax.tools.plan_table --write": [
+        "tests/test_plan_docs.py::test_doc_tables_are_generated_from_the_plans"],
     "python3 -m ipadapter_jax.tools.config_reference > docs/CONFIG_REFERENCE.md": [
         "tests/test_config_reference.py::test_committed_reference_is_what_the_tool_prints"],
     # Third-party tools. What of ours they rely on is tested where named; the inner --command of an ssh is

@@ -58,7 +58,7 @@ def row(index: int, record: dict) -> list[str]:
 def table(records: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(i + 1, r)) + " |" for i, r in enumerate(records)]
-    lines += ["", "| # | command (`pip install '.[tpu]'`, then from the repository root) |", "|---|---|"]
+    lines += ["", "| # | command (after `python3 -m pip install -e '.[tpu]'`, from the repository root) |", "|---|---|"]
     lines += [f"| {i + 1} | `{r['command']}` |" for i, r in enumerate(records)]
     return lines
 
