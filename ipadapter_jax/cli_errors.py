@@ -101,7 +101,10 @@ def run_absl_cli(tool: str, main: Callable[[list[str]], Any], argv: Sequence[str
     from absl import app, flags
 
     def parse(args: list[str]) -> list[str]:
-        rest = flags.FLAGS(args)  # flags.Error propagates to run_cli
+        try:
+            rest = flags.FLAGS(args)  # flags.Error propagates to run_cli
+        except (AttributeError, KeyError, TypeError) as exc:  # ml_collections applying a bad --config.key=value
+            raise UserError(f"bad --config override: {_one_line(exc)}") from exc
         try:
             # A config file that failed to load is a stand-in object that raises only when an attribute of
             # it is read: read one of each flag's value now.

@@ -95,6 +95,26 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise UserError(f"--ip-adapter {path}: no such file")
     if args.image_encoder is not None and not Path(args.image_encoder).is_dir():
         raise UserError(f"--image-encoder {args.image_encoder}: no such folder")
+    check_adapters_fit_base(Path(args.model), args.ip_adapter or [])
+
+
+def check_adapters_fit_base(model_dir: Path, adapter_paths: Sequence[str]) -> None:
+    """Each adapter against the base's ``unet/config.json`` before the base's weights are read: an adapter
+    made for another base (an SDXL adapter on SD1.5) fails in seconds, not after loading the model."""
+    from ipadapter_jax.models.adapter import check_adapter_fits
+    from ipadapter_jax.models.unet_config import UNetConfig
+    from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
+    from ipadapter_jax.weights.safetensors_io import read_json
+
+    config_file = model_dir / "unet" / "config.json"
+    if not adapter_paths or not config_file.is_file():
+        return  # nothing to check, or not a diffusers folder: from_pretrained says what is missing
+    unet_config = UNetConfig.from_diffusers(read_json(config_file))
+    for path in adapter_paths:
+        try:
+            check_adapter_fits(unet_config, load_ip_adapter(path))
+        except ValueError as exc:
+            raise UserError(f"--ip-adapter {path} does not fit the base {model_dir}: {exc}") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

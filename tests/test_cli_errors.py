@@ -1,7 +1,7 @@
 """Every CLI reports a user mistake as one line, ``<tool>: error: <message>``, exit code 2, with no traceback;
 ``--debug`` (or IPADAPTER_JAX_DEBUG=1) brings the traceback back. The table's cases all fail before a model
-is compiled (the sample.py ones before the base model is loaded, except the adapter that does not fit the
-shipped toy base, which has to read it), so each row costs about one interpreter start."""
+is compiled (the sample.py ones before the base model's weights are read: an adapter that does not fit is
+checked against the base's unet/config.json), so each row costs about one interpreter start."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ MAKE_SHARDS = ["-m", "ipadapter_jax.tools.make_shards"]
 EVALUATE = ["-m", "ipadapter_jax.evaluate"]
 CACHE_LATENTS = ["-m", "ipadapter_jax.tools.cache_latents"]
 TPU_PLAN = ["-m", "ipadapter_jax.tools.tpu_plan"]
+SD15 = f"--config={REPO / 'configs' / 'sd15.py'}"
+TINY = f"--config={REPO / 'configs' / 'tiny.py'}"
 
 # name -> (command after the interpreter, tool name in the error line, exit code, text the line contains).
 # Paths are relative to the test's scratch folder, which the fixture fills with the files named here.
@@ -59,6 +61,14 @@ CASES = {
     "tpu_plan_without_config": (TPU_PLAN, "python -m ipadapter_jax.tools.tpu_plan", 2, "--config is required"),
     "tpu_plan_missing_config_file": (TPU_PLAN + ["--config=no_such_config.py"],
                                      "python -m ipadapter_jax.tools.tpu_plan", 2, "no_such_config.py"),
+    "tpu_plan_unknown_config_key": (TPU_PLAN + [SD15, "--config.model.atention_implementation=xla"],
+                                    "python -m ipadapter_jax.tools.tpu_plan", 2, "Did you mean"),
+    "tpu_plan_bad_attention": (TPU_PLAN + [SD15, "--config.model.attention_implementation=flash", "--topology=cpu-1"],
+                               "python -m ipadapter_jax.tools.tpu_plan", 2, "is not one of"),
+    "cache_latents_unknown_config_key": (CACHE_LATENTS + [TINY, "--out=cache", "--config.data.resolutoin=64"],
+                                         "python -m ipadapter_jax.tools.cache_latents", 2, "Did you mean"),
+    # A live run's lease (this test process's pid, on this host, a fresh heartbeat): refused before loading.
+    "train_workdir_in_use": (TRAIN + ["--workdir", "busy_run"], "train.py", 2, "in use by another run"),
 }
 
 
@@ -66,7 +76,17 @@ CASES = {
 def scratch(tmp_path_factory):
     from safetensors.numpy import load_file, save_file
 
+    import json
+    import socket
+    import time
+
+    from ipadapter_jax.train.workdir_lease import LEASE_NAME
+
     root = tmp_path_factory.mktemp("cli_errors")
+    (root / "busy_run").mkdir()
+    (root / "busy_run" / LEASE_NAME).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "run": "live", "since": "now",
+         "heartbeat": time.time() + 3600}))
     (root / "not_an_image.png").write_text("these bytes are no PNG\n")
     (root / "photos").mkdir()
     tensors = load_file(str(TOY / "ip_adapter.safetensors"))

@@ -10,16 +10,12 @@ own optimizer, shardings, donation, or tracing outside the mesh) changes the tex
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from device_support import run_on_simulated_devices
+
 
 SCRIPT = textwrap.dedent('''
     import hashlib, importlib.util, json, re, sys
@@ -79,12 +75,7 @@ SCRIPT = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def both_paths(tmp_path_factory):
     folder = tmp_path_factory.mktemp("one_program")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), folder
+    return run_on_simulated_devices(SCRIPT, folder, timeout=1500), folder
 
 
 @pytest.mark.slow

@@ -6,16 +6,12 @@ weights split over ``fsdp`` giving the same pixels. The shipped toy base and ada
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from device_support import run_on_simulated_devices
+
 PIXEL_TOL = 1e-5
 
 SCRIPT = textwrap.dedent('''
@@ -55,12 +51,7 @@ SCRIPT = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def eight_device_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("devices")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(folder)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return folder, json.loads(line[len("RESULT "):])
+    return folder, run_on_simulated_devices(SCRIPT, folder)
 
 
 def _load(folder, name):

@@ -28,6 +28,7 @@ from ipadapter_jax.train.data_feed import DataFeed, make_source
 from ipadapter_jax.train.metrics_log import MetricsLog, truncate_metrics
 from ipadapter_jax.train.setup import TrainingSetup, batch_partition_spec, build_setup, step_batch_keys
 from ipadapter_jax.train.sharding import put_host_tree, replicated_key
+from ipadapter_jax.train.workdir_lease import WorkdirLease
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +135,20 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> TrainResult:
     """Train (or continue training) an IP-Adapter as ``config`` says, in ``workdir`` (a local path, or a mounted
-    bucket such as gcsfuse's; orbax needs it absolute)."""
+    bucket such as gcsfuse's; orbax needs it absolute). The run holds the workdir's lease throughout
+    (``train.workdir_lease``): a second run on a workdir in use is refused."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    # One run is all its processes: process 0 holds the lease for them.
+    lease = WorkdirLease(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train(config, workdir, resume)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(config: TrainConfig, workdir: Path, resume: bool) -> TrainResult:
     if not resume:  # refuse before minutes of loading and compiling, not after
         _refuse_existing_checkpoints(workdir)
     setup = build_setup(config, workdir)
