@@ -131,7 +131,9 @@ class IPAdapterPipeline:
         args, batch = self.generate_args(prompt, ip_adapter_image, ip_scale, negative_prompt, num_inference_steps,
                                          guidance_scale, height, width, latents, seed, scheduler,
                                          num_images_per_prompt)
-        return np.asarray(generate(*args), np.float32)[:batch]
+        # Under the mesh: with Pallas attention (auto on TPU) the kernels run per device in a shard_map.
+        with jax.set_mesh(self.mesh):
+            return np.asarray(generate(*args), np.float32)[:batch]
 
     def generate_args(self, prompt, ip_adapter_image=None, ip_scale=0.6, negative_prompt=None,
                       num_inference_steps=50, guidance_scale=7.5, height=None, width=None, latents=None, seed=0,

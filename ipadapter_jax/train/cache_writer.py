@@ -75,7 +75,8 @@ class _ShardEncoder:
                  "input_ids": self._tokenizer(captions)}
         if self._tokenizer_2 is not None:
             batch["input_ids_2"] = self._tokenizer_2(captions)
-        out = jax.device_get(self._encode(self._params, jax.device_put(batch, self._batch_sharding)))
+        with jax.set_mesh(self._batch_sharding.mesh):  # Pallas attention (auto on TPU) runs per device under it
+            out = jax.device_get(self._encode(self._params, jax.device_put(batch, self._batch_sharding)))
         members = []
         for i, example in enumerate(examples):
             sample = {f"{k}.npy": npy_bytes(np.asarray(v[i]).astype(self._storage if k in FLOAT_KEYS else v.dtype))

@@ -111,10 +111,11 @@ class Validator:
         """``[n, R, R, 3]`` float32 in [0, 1] at one IP-Adapter scale."""
         cfg, modules = self.setup.config.validation, self.setup.modules
         scales = self._replicated(np.full((1, self.num_layers), scale, np.float32))
-        out = generate(modules.unet, modules.unet_config, (self.setup.projection,), cfg.guidance_scale > 1.0,
-                       self.decode, self.setup.frozen["unet"], self.setup.frozen["vae"], [adapter_params], scales,
-                       self.sampler, self.noise, self.context, self.added, [self.features],
-                       jnp.asarray(cfg.guidance_scale, jnp.float32))
+        with jax.set_mesh(self.setup.mesh):  # the Pallas kernels (auto on TPU) run per device under it
+            out = generate(modules.unet, modules.unet_config, (self.setup.projection,), cfg.guidance_scale > 1.0,
+                           self.decode, self.setup.frozen["unet"], self.setup.frozen["vae"], [adapter_params],
+                           scales, self.sampler, self.noise, self.context, self.added, [self.features],
+                           jnp.asarray(cfg.guidance_scale, jnp.float32))
         return host_copy(out)[: self.n]
 
     def grid(self, adapter_params) -> np.ndarray:
