@@ -4,8 +4,16 @@ published layout, built independently of our own writer (from the torch model's 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run: this process, the other pytest-xdist worker and every
+# subprocess a test starts (train.py, sample.py, the simulated-device scripts, the notebook's kernel) inherit
+# it through JAX's own environment variables, so a program two tests compile (the trainer's step and the
+# plan's, a jitted call and its AOT twin) compiles once. Only compiles over a second are stored. Keys are
+# the programs' full contents and options, so a hit is the same executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "d" / "ipadapter_jax_compile_cache"))
 
 import pytest
 

@@ -253,7 +253,7 @@ def test_pipe_and_fsspec_urls(clean_shards, tokenizer):
     path = clean_shards.replace("{00000..00003}", "00001")
     batch = next(make_source(f"pipe:cat {path}", tokenizer, batch=5))
     assert batch["key"] == [f"s1_{i}" for i in range(5)]
-    # A scheme webdataset's gopen does not know goes through fsspec (memory:// here, s3:// etc. alike).
+    # Any other scheme goes through fsspec (memory:// here; gs:// with gcsfs, s3:// etc. alike).
     fsspec.filesystem("memory").pipe("/wds_source_test/00001.tar", open(path, "rb").read())
     batch = next(make_source("memory://wds_source_test/*.tar", tokenizer, batch=5))
     assert batch["key"] == [f"s1_{i}" for i in range(5)]

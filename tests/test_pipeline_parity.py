@@ -91,11 +91,13 @@ def test_pixels_match_diffusers(pair, scheduler, guidance, scales):
 
 @pytest.mark.slow
 def test_diffusers_parity_on_eight_devices():
-    """The DDIM + guidance cases of every model pair, in a process with 8 simulated CPU devices."""
+    """The DDIM + guidance case of the plainest and the fullest model pair (SD1.5 plain; SDXL Plus, which adds
+    the time ids and the Resampler to what is sharded), in a process with 8 simulated CPU devices. The other
+    pairs' sharding is the same code; tests/test_pipeline_devices.py checks pixels across meshes."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
                **{DEVICES_ENV: "8"})
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "test_pixels_match_diffusers and ddim-g7.5"], cwd=Path(__file__).resolve().parents[1],
+                           "test_pixels_match_diffusers and ddim-g7.5 and (sd-plain or sdxl-plus)"], cwd=Path(__file__).resolve().parents[1],
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "4 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "2 passed" in proc.stdout, proc.stdout[-2000:]

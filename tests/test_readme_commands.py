@@ -30,7 +30,7 @@ SHELL_LANGUAGES = {"bash", "sh", "shell"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.M | re.S)
 
 # The README's test command: it does its own setup, so it works on a new machine, and .ci/run runs this line.
-TEST_COMMAND = 'python3 -m pip install -e ".[test]" && python3 -m pytest -q'
+TEST_COMMAND = 'python3 -m pip install -e ".[test]" && python3 -m pytest -q -n 2 --dist loadfile'
 
 # README command prefix -> what exercises it. Test node ids must exist; ".ci/run: X" means .ci/run runs X.
 # The longest matching prefix wins; an entry no README command uses is an error (the table cannot go stale).
@@ -86,7 +86,6 @@ COVERED_BY = {
     "sudo mkdir -p /models": ["third-party: shell"],
     "sudo chmod 777 /models": ["third-party: shell"],
     "gcsfuse": ["third-party: mounts the workdir; a workdir path is what the training tests use"],
-    "gsutil cat": ["tests/test_data_webdataset_source.py::test_pipe_and_fsspec_urls"],  # how gs:// shards are read
     "python3 --version": ["third-party: Python itself"],
     "pip install tensorboard": ["third-party: the TensorBoard viewer (the trainer writes events with tensorboardX)"],
     "tensorboard --logdir": ["tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes"],

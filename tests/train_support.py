@@ -36,11 +36,15 @@ def world(request) -> dict:
     cache (used by this process and every ``train.py`` subprocess), both kept in pytest's cache folder:
     the tiny world is deterministic and rewritten whenever its generator's arguments or version change,
     and JAX keys compiled programs by their full contents, so reuse across sessions is safe
-    (``pytest --cache-clear`` starts afresh)."""
+    (``pytest --cache-clear`` starts afresh). Under pytest-xdist the workers share both: the first to
+    arrive writes the world while the others wait on its lock, then reuse it."""
+    from filelock import FileLock
+
     compile_cache = use_compile_cache(Path(request.config.cache.mkdir("ipadapter_jax_compile_cache")))
     root = Path(request.config.cache.mkdir("ipadapter_jax_tiny_world"))
-    model = tiny_world.write_tiny_model(root / "model", seed=0)
-    shards = tiny_world.write_shape_shards(root / "shards", seed=0)
+    with FileLock(str(root / "write.lock")):
+        model = tiny_world.write_tiny_model(root / "model", seed=0)
+        shards = tiny_world.write_shape_shards(root / "shards", seed=0)
     return {"model": str(model), "shards": shards, "heldout": tiny_world.heldout_shard(root / "shards"),
             "cache": str(compile_cache)}
 

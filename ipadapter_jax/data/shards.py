@@ -8,7 +8,7 @@ A *shard spec* is a string or a sequence of strings. Each string is one of
   ``fsspec`` for URLs with a scheme (``gs://bucket/shards/*.tar`` needs ``gcsfs``),
 * a URL with a scheme (``gs://``, ``s3://``, ``https://``, ...) or a ``pipe:`` command
   (``pipe:gsutil cat gs://b/{000..099}.tar``); these are brace-expanded and otherwise passed through
-  untouched: opening them is the reader's job (webdataset's ``gopen``, or fsspec).
+  untouched: opening them is the reader's job (``tar_samples.open_shard``).
 
 Inside one string, ``::`` separates several specs (webdataset's convention).
 """

@@ -124,7 +124,7 @@ def _vae_scaling_factor(config: VAEConfig, params: dict, images: np.ndarray) -> 
     """1 / std of the (unscaled) latents of ``images``, so scaled latents have unit variance."""
     module = AutoencoderKL(config)
     unscaled = VAEConfig(**{**config.__dict__, "scaling_factor": 1.0})
-    latents = encode_to_latents(module, params, jnp.asarray(images), None, unscaled)
+    latents = jax.jit(lambda p, x: encode_to_latents(module, p, x, None, unscaled))(params, jnp.asarray(images))
     return float(1.0 / np.std(np.asarray(latents)))
 
 
