@@ -259,6 +259,33 @@ def test_pipe_and_fsspec_urls(clean_shards, tokenizer):
     assert batch["key"] == [f"s1_{i}" for i in range(5)]
 
 
+def test_http_urls(clean_shards, tokenizer):
+    """http(s):// shards stream through urllib from a server on 127.0.0.1; a missing one is a counted skip."""
+    import functools
+    import http.server
+    import os
+    import threading
+
+    folder = os.path.dirname(clean_shards)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=folder)
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        name = os.path.basename(clean_shards.replace("{00000..00003}", "00002"))
+        source = make_source([f"{base}/{name}", f"{base}/missing.tar"], tokenizer, batch=5)
+        batch = next(source)
+        assert batch["key"] == [f"s2_{i}" for i in range(5)]
+        for _ in range(20):  # on through the epoch until the missing shard is met and counted
+            if batch["counters"]["skipped"].get("shard_open_failed"):
+                break
+            batch = next(source)
+        assert batch["counters"]["skipped"] == {"shard_open_failed": 1}, batch["counters"]
+    finally:
+        server.shutdown()
+
+
 def test_an_epoch_without_usable_samples_raises(tmp_path, tokenizer):
     write_tar(tmp_path / "bad.tar", [("x.jpg", b"junk"), ("x.txt", b"junk")])
     with pytest.raises(RuntimeError, match="gave no usable sample"):
