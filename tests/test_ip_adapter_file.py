@@ -127,13 +127,27 @@ def test_what_we_save_loads_in_diffusers_with_the_same_outputs(tiny_unet_dirs, t
             assert np.abs(ours - ref).max() <= TOL, (variant, scale, np.abs(ours - ref).max())
 
 
-def test_new_adapter_copies_text_projections(tiny_unet_dirs):
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_new_adapter_copies_text_projections(tiny_unet_dirs, arch):
+    """Every layer's to_k_ip / to_v_ip starts as its own cross-attention's to_k / to_v (the paper's init),
+    layer i matched to diffusers' i-th cross-attention processor read from the torch UNet itself."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
     from ipadapter_jax.weights.load_unet import load_unet
 
-    _, params, config = load_unet(tiny_unet_dirs["sd15"])
-    adapter = new_ip_adapter(config, params, ProjectionConfig("plain", embed_dim=16, cross_attention_dim=32),
-                             jax.random.key(0))
-    first = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn2"]
-    np.testing.assert_array_equal(adapter.params["layers"][0]["to_k_ip"], first["to_k"]["kernel"])
-    np.testing.assert_array_equal(adapter.params["layers"][0]["to_v_ip"], first["to_v"]["kernel"])
+    _, params, config = load_unet(tiny_unet_dirs[arch])
+    projection = ProjectionConfig("plain", embed_dim=16, cross_attention_dim=config.cross_attention_dim)
+    adapter = new_ip_adapter(config, params, projection, jax.random.key(0))
     check_adapter_fits(config, adapter)
+    theirs = UNet2DConditionModel.from_pretrained(tiny_unet_dirs[arch])
+    modules = dict(theirs.named_modules())
+    cross = [name.removesuffix(".processor") for name in theirs.attn_processors if name.endswith("attn2.processor")]
+    assert len(cross) == adapter.num_layers > 1
+    for i, name in enumerate(cross):
+        with torch.no_grad():
+            k, v = (modules[name].to_k.weight.numpy().T, modules[name].to_v.weight.numpy().T)
+        np.testing.assert_array_equal(adapter.params["layers"][i]["to_k_ip"], k, err_msg=f"layer {i} {name}")
+        np.testing.assert_array_equal(adapter.params["layers"][i]["to_v_ip"], v, err_msg=f"layer {i} {name}")
+    # Distinct per layer: a copy of one layer everywhere would fail above, but say so plainly too.
+    assert len({np.asarray(layer["to_k_ip"]).tobytes() for layer in adapter.params["layers"]}) == len(cross)
