@@ -20,7 +20,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def define_flags():
     config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"), "training config file",
                                     lock_config=True)
-    flags.DEFINE_string("workdir", "workdir", "checkpoints, metrics.jsonl, TensorBoard, ip_adapter.safetensors")
+    flags.DEFINE_string("workdir", "workdir", "checkpoints, metrics.jsonl, TensorBoard, ip_adapter.safetensors: "
+                        "a local folder or a gs:// URL")
     flags.DEFINE_bool("resume", True, "resume from the workdir's latest checkpoint (--noresume refuses a workdir "
                       "that has one)")
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)")

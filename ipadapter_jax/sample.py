@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 
 from ipadapter_jax.cli_errors import UserError, run_cli
 from ipadapter_jax.compilation_cache import enable_compilation_cache
+from ipadapter_jax.weights.remote_files import is_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,10 +89,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 8:
             raise UserError(f"--{name}={value} must be at least 8")
-    if not Path(args.model).is_dir():
+    # URLs (gs://...) are checked when the loaders fetch them (remote_files: one line for a missing one).
+    if not is_url(args.model) and not Path(args.model).is_dir():
         raise UserError(f"--model {args.model}: no such folder")
     for path in args.ip_adapter or []:
-        if not Path(path).is_file():
+        if not is_url(path) and not Path(path).is_file():
             raise UserError(f"--ip-adapter {path}: no such file")
     if args.image_encoder is not None and not Path(args.image_encoder).is_dir():
         raise UserError(f"--image-encoder {args.image_encoder}: no such folder")

@@ -59,10 +59,12 @@ COVERED_BY = {
     "python3 -m ipadapter_jax.tools.make_shards --tencent-json": [
         "tests/test_make_shards.py::test_tencent_json_via_python_dash_m"],
     "python3 train.py --config configs/sd15.py": [
+        "tests/test_gcs_workdir.py::test_gs_workdir_survives_kills_sigterm_and_a_damaged_checkpoint",
         "tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes",
         "tests/test_train_e2e.py::test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly",
         "tests/test_train_config.py::test_shipped_configs_set_and_comment_every_field"],
     "python3 train.py --config configs/sdxl.py": [
+        "tests/test_gcs_workdir.py::test_gs_workdir_survives_kills_sigterm_and_a_damaged_checkpoint",
         "tests/test_train_multidevice.py::test_eight_devices_give_the_same_losses_and_adapter",
         "tests/test_train_config.py::test_shipped_configs_set_and_comment_every_field"],
     "python3 -m ipadapter_jax.tools.tpu_plan": ["tests/test_tpu_plan.py::test_plan_on_tpu_topology"],
@@ -82,19 +84,18 @@ COVERED_BY = {
     "gcloud storage cp": ["third-party: gs:// shard URLs are read by tests/test_data_webdataset_source.py"
                           "::test_pipe_and_fsspec_urls (pipe: and fsspec schemes)"],
     "hf download": ["third-party: downloads the diffusers / transformers folders the loaders read"],
-    "mkdir -p ~/runs": ["third-party: shell"],
     "sudo mkdir -p /models": ["third-party: shell"],
     "sudo chmod 777 /models": ["third-party: shell"],
-    "gcsfuse": ["third-party: mounts the workdir; a workdir path is what the training tests use"],
     "python3 --version": ["third-party: Python itself"],
     "pip install tensorboard": ["third-party: the TensorBoard viewer (the trainer writes events with tensorboardX)"],
-    "tensorboard --logdir": ["tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes"],
+    "tensorboard --logdir": ["tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes",
+                             "tests/test_gcs_workdir.py::test_gs_workdir_survives_kills_sigterm_and_a_damaged_checkpoint"],
 }
-THIRD_PARTY = {"gcloud", "gsutil", "hf", "gcsfuse", "mkdir", "sudo", "tensorboard"}  # programs that are not ours
+THIRD_PARTY = {"gcloud", "gsutil", "hf", "mkdir", "sudo", "tensorboard"}  # programs that are not ours
 THIRD_PARTY_COMMANDS = {"python3 --version", "pip install tensorboard"}
 
 
-INLINE_PROGRAMS = {"python", "python3", "jupyter", "pip", "gcloud", "gsutil", "gcsfuse", "hf", "tensorboard"}
+INLINE_PROGRAMS = {"python", "python3", "jupyter", "pip", "gcloud", "gsutil", "hf", "tensorboard"}
 
 
 def _inline_commands() -> list[str]:

@@ -13,6 +13,10 @@ mesh: the abstract state passed to ``restore`` carries the new shardings and orb
 
 The adapter is also exported in the published (h94) layout at every save: ``WORKDIR/ip_adapter.safetensors``
 (the latest, replaced atomically) and ``WORKDIR/adapters/ip_adapter_<step>.safetensors`` (the last K).
+
+``WORKDIR`` is a local folder or a URL (``gs://BUCKET/runs/x``). Checkpoints are orbax's own remote paths
+(on GCS orbax commits a step by writing ``commit_success.txt`` last, with no renames); the exports and the
+moves of damaged checkpoints go through ``WorkdirFiles``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from ipadapter_jax.models.adapter import IPAdapter
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.train.config import CheckpointConfig
 from ipadapter_jax.train.state import TrainState
-from ipadapter_jax.weights.ip_adapter_file import save_ip_adapter
+from ipadapter_jax.train.workdir_files import WorkdirFiles
+from ipadapter_jax.weights.ip_adapter_file import ip_adapter_file_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +120,10 @@ class Checkpointer:
     it every step), ``save``, ``wait_until_finished`` or ``close``.
     """
 
-    def __init__(self, workdir: str | Path, config: CheckpointConfig):
-        self.workdir = Path(workdir).absolute()  # orbax refuses relative paths
-        self.directory = self.workdir / "checkpoints"
+    def __init__(self, workdir: str | Path | WorkdirFiles, config: CheckpointConfig):
+        self.files = workdir if isinstance(workdir, WorkdirFiles) else WorkdirFiles(workdir)  # absolute: orbax
+        self.workdir = self.files.path
+        self.directory = self.files.epath("checkpoints")
         self.config = config
         self._saving: int | None = None  # the step of the last save started (its background part may still run)
         # The step folder is created in save() itself: created in the background, a failure (unwritable or full
@@ -135,7 +141,7 @@ class Checkpointer:
 
     def _empty_trash(self) -> None:
         # orbax ignores todelete_subdir on GCS (it deletes there directly), so the trash is a local folder.
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and self.files.is_local:
             shutil.rmtree(self.directory / TRASH, ignore_errors=True)
 
     def committed_steps(self) -> list[int]:
@@ -145,7 +151,7 @@ class Checkpointer:
         except Exception:  # e.g. the folder itself is unreadable: nothing can be promised
             return []
 
-    def failure(self, what: str, step: int | None, exc: BaseException, where: Path | None = None
+    def failure(self, what: str, step: int | None, exc: BaseException, where: Path | str | None = None
                 ) -> CheckpointSaveError:
         """The error to raise when writing ``what`` (into ``where``, default the checkpoint folder) at ``step``
         failed with ``exc``."""
@@ -200,7 +206,7 @@ class Checkpointer:
         data (``sharding.replicated_key`` makes it a key); ``data`` is the saved ``data`` item."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.workdir / 'checkpoints'}")
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
         restored = self.manager.restore(step, args=ocp.args.Composite(
             adapter=ocp.args.StandardRestore(abstract_state.params),
             opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
@@ -250,7 +256,7 @@ class Checkpointer:
             return (*restored, step)
         raise CheckpointRestoreError(
             f"no checkpoint in {self.directory} restores: step(s) {', '.join(map(str, damaged))} are damaged and "
-            f"were moved to {self.workdir / DAMAGED}; train in a new workdir, or restore a copy of the checkpoints")
+            f"were moved to {self.files / DAMAGED}; train in a new workdir, or restore a copy of the checkpoints")
 
     def _stored_shapes_fit(self, step: int, abstract_state: TrainState) -> bool:
         """Whether the stored adapter and optimizer arrays have the expected shapes. Raises (the checkpoint is
@@ -269,21 +275,20 @@ class Checkpointer:
                 raise ValueError(f"{item}: arrays stored in other dtypes than this trainer writes")
         return fits
 
-    def _move_aside(self, step: int) -> Path:
-        """Move a damaged checkpoint out of orbax's sight into ``checkpoints.damaged/<step>[.<n>]``."""
-        target_dir = self.workdir / DAMAGED
-        target = target_dir / str(step)
-        n = 0
-        while target.exists():
+    def _move_aside(self, step: int) -> str:
+        """Move a damaged checkpoint out of orbax's sight into ``checkpoints.damaged/<step>[.<n>]`` (on an object
+        store a copy, then the original deleted: a kill between leaves both, and the next run moves it again)."""
+        taken = set(self.files.listdir(DAMAGED))
+        name, n = str(step), 0
+        while name in taken:
             n += 1
-            target = target_dir / f"{step}.{n}"
+            name = f"{step}.{n}"
         if jax.process_index() == 0:
-            target_dir.mkdir(parents=True, exist_ok=True)
-            (self.directory / str(step)).rename(target)
+            self.files.move_tree(f"checkpoints/{step}", f"{DAMAGED}/{name}")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint_{step}_moved_aside")
         self.manager.reload()
-        return target
+        return self.files / f"{DAMAGED}/{name}"
 
     def read_json(self, step: int, item: str) -> dict:
         """One JSON item (``step``, ``data`` or ``config``) of a checkpoint, without restoring arrays."""
@@ -305,10 +310,10 @@ class Checkpointer:
 
 
 def saved_config(workdir: str | Path) -> dict | None:
-    """The training config saved with the newest complete checkpoint in ``WORKDIR/checkpoints``, read from disk
-    without opening a manager (nothing is created or pruned, so a read-only workdir is fine); None when there is
-    no checkpoint or its config item cannot be read."""
-    directory = Path(workdir) / "checkpoints"
+    """The training config saved with the newest complete checkpoint in ``WORKDIR/checkpoints``, read from
+    storage without opening a manager (nothing is created or pruned, so a read-only workdir is fine); None when
+    there is no checkpoint or its config item cannot be read."""
+    directory = WorkdirFiles(workdir).epath("checkpoints")
     if not directory.is_dir():
         return None
     try:
@@ -335,26 +340,22 @@ def data_state_for_process(saved: dict, process_index: int, process_count: int) 
     return saved["states"][process_index]
 
 
-def export_adapter(params: Any, projection: ProjectionConfig, workdir: str | Path, step: int, keep: int,
-                   dtype: str = "float32") -> Path | None:
+def export_adapter(params: Any, projection: ProjectionConfig, workdir: str | Path | WorkdirFiles, step: int,
+                   keep: int, dtype: str = "float32") -> Path | str | None:
     """Write the adapter in the published layout (see module docstring); process 0 writes, every process
-    must call this (the params may be sharded across hosts). Returns the latest file's path on process 0."""
+    must call this (the params may be sharded across hosts). Returns the latest file's path (or URL) on
+    process 0. Each file is written whole or not at all (``WorkdirFiles.write_atomic``): a reader of
+    ``ip_adapter.safetensors`` sees the previous export or this one."""
     host = host_copy(params)
     if jax.process_index() != 0:
         return None
-    workdir = Path(workdir)
-    adapter = IPAdapter(projection, host)
-    per_step = workdir / "adapters" / f"ip_adapter_{step:08d}.safetensors"
-    save_ip_adapter(adapter, per_step, dtype=np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16)
-    latest = workdir / EXPORT_NAME
-    latest_tmp = workdir / (EXPORT_NAME + ".tmp.safetensors")
-    try:
-        latest_tmp.write_bytes(per_step.read_bytes())
-        latest_tmp.replace(latest)  # atomic: a reader never sees a half-written latest file
-    except BaseException:
-        latest_tmp.unlink(missing_ok=True)  # a half-written copy must not linger under a .safetensors name
-        raise
-    exports = sorted((workdir / "adapters").glob("ip_adapter_*.safetensors"))
+    files = workdir if isinstance(workdir, WorkdirFiles) else WorkdirFiles(workdir)
+    data = ip_adapter_file_bytes(IPAdapter(projection, host),
+                                 dtype=np.dtype(dtype) if dtype != "bfloat16" else jax.numpy.bfloat16)
+    files.write_atomic(f"adapters/ip_adapter_{step:08d}.safetensors", data)
+    files.write_atomic(EXPORT_NAME, data)
+    exports = sorted(n for n in files.listdir("adapters") if n.startswith("ip_adapter_") and n.endswith(".safetensors"))
     for old in exports[:-keep]:
-        old.unlink(missing_ok=True)
-    return latest
+        files.remove(f"adapters/{old}")
+    latest = files / EXPORT_NAME
+    return Path(latest) if files.is_local else latest

@@ -28,6 +28,7 @@ from ipadapter_jax.train.data_feed import DataFeed, make_source
 from ipadapter_jax.train.metrics_log import MetricsLog, truncate_metrics
 from ipadapter_jax.train.setup import TrainingSetup, batch_partition_spec, build_setup, step_batch_keys
 from ipadapter_jax.train.sharding import put_host_tree, replicated_key
+from ipadapter_jax.train.workdir_files import WorkdirFiles
 from ipadapter_jax.train.workdir_lease import WorkdirLease
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class TrainResult:
     preempted: bool  # stopped by SIGTERM / SIGINT (a checkpoint at ``step`` was written)
     resumed_from: int | None  # the checkpoint step the run started from, if any
     last_metrics: dict  # the last logged record
-    workdir: Path
+    workdir: Path | str  # a Path for a local workdir, the URL for one at a URL
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,9 +117,8 @@ def _initial_state(setup: TrainingSetup, checkpointer: Checkpointer, resume: boo
     return state, rng, data_state, latest
 
 
-def _refuse_existing_checkpoints(workdir: Path) -> None:
-    folder = workdir / "checkpoints"
-    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+def _refuse_existing_checkpoints(workdir: WorkdirFiles) -> None:
+    steps = sorted(int(name) for name in workdir.listdir("checkpoints") if name.isdigit())
     if steps:
         raise FileExistsError(f"{workdir} already has checkpoints (latest step {steps[-1]}); resume, or train "
                               f"in another workdir")
@@ -134,11 +134,12 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> TrainResult:
-    """Train (or continue training) an IP-Adapter as ``config`` says, in ``workdir`` (a local path, or a mounted
-    bucket such as gcsfuse's; orbax needs it absolute). The run holds the workdir's lease throughout
-    (``train.workdir_lease``): a second run on a workdir in use is refused."""
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Train (or continue training) an IP-Adapter as ``config`` says, in ``workdir``: a local path or a URL
+    (``gs://BUCKET/runs/sd15``, written through orbax's GCS support and gcsfs; see ``WorkdirFiles``). The run
+    holds the workdir's lease throughout (``train.workdir_lease``): a second run on a workdir in use is
+    refused."""
+    workdir = WorkdirFiles(workdir)
+    workdir.makedirs()
     # One run is all its processes: process 0 holds the lease for them.
     lease = WorkdirLease(workdir).acquire() if jax.process_index() == 0 else None
     try:
@@ -148,7 +149,7 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
             lease.release()
 
 
-def _train(config: TrainConfig, workdir: Path, resume: bool) -> TrainResult:
+def _train(config: TrainConfig, workdir: WorkdirFiles, resume: bool) -> TrainResult:
     if not resume:  # refuse before minutes of loading and compiling, not after
         _refuse_existing_checkpoints(workdir)
     setup = build_setup(config, workdir)
@@ -175,6 +176,7 @@ def _train(config: TrainConfig, workdir: Path, resume: bool) -> TrainResult:
 
     def save() -> None:
         nonlocal last_saved
+        log.flush()  # the records up to this step are stored before its checkpoint commits (metrics_log)
         checkpointer.save(state, rng, data_state, config.to_dict())
         try:
             export_adapter(state.params, setup.projection, workdir, step, config.checkpoint.keep,
@@ -236,4 +238,4 @@ def _train(config: TrainConfig, workdir: Path, resume: bool) -> TrainResult:
     if preempted:
         logger.warning("stopped at step %d on request; the checkpoint there resumes the run", step)
     return TrainResult(step=step, preempted=preempted, resumed_from=resumed_from, last_metrics=last_record,
-                       workdir=workdir)
+                       workdir=workdir.path)

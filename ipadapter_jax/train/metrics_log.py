@@ -1,6 +1,12 @@
 """Where training metrics go: ``WORKDIR/metrics.jsonl`` (one JSON object per logged step, at least ``step`` and
 ``loss``), TensorBoard scalars and images (tensorboardX, ``WORKDIR/tensorboard``) and a progress bar with
 loss, steps/s and images/s. Only process 0 writes; other processes get a logger that does nothing.
+
+On disk the file is appended to, a line per record. An object store (a ``gs://`` workdir) cannot append, so
+there the whole file is rewritten (``write_atomic``) at ``flush``: at most every ``REMOTE_FLUSH_S`` seconds
+while logging, and always before a checkpoint is saved (``loop.save`` calls ``flush`` first). Records up to
+a committed checkpoint are therefore stored before it commits; a resume drops those after it
+(``truncate_metrics``) and logs them again, so none is lost or duplicated on either kind of storage.
 """
 
 from __future__ import annotations
@@ -14,51 +20,77 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ipadapter_jax.train.workdir_files import WorkdirFiles
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+REMOTE_FLUSH_S = 60.0
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    """The records of ``WORKDIR/metrics.jsonl`` in order."""
-    path = Path(workdir) / METRICS_FILE
-    if not path.is_file():
+def _files(workdir: str | Path | WorkdirFiles) -> WorkdirFiles:
+    return workdir if isinstance(workdir, WorkdirFiles) else WorkdirFiles(workdir)
+
+
+def read_metrics(workdir: str | Path | WorkdirFiles) -> list[dict]:
+    """The records of ``WORKDIR/metrics.jsonl`` in order (a local path or a URL). A last line cut short (a
+    kill in the middle of its write) is not a record."""
+    try:
+        text = _files(workdir).read_text(METRICS_FILE)
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i != len(lines) - 1:
+                raise
+    return records
 
 
-def truncate_metrics(workdir: str | Path, last_step: int) -> None:
+def truncate_metrics(workdir: str | Path | WorkdirFiles, last_step: int) -> None:
     """Drop records after ``last_step``: a resumed run re-does those steps and logs them again (a run killed
     after its last checkpoint leaves records the restored state never reached)."""
-    path = Path(workdir) / METRICS_FILE
-    if not path.is_file():
+    files = _files(workdir)
+    if not files.exists(METRICS_FILE):
         return
-    kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    kept = [r for r in read_metrics(files) if r.get("step", 0) <= last_step]
+    files.write_atomic(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
 
 class MetricsLog:
     """Call ``log(step, metrics)`` at logged steps; ``tick`` every step for the progress bar."""
 
-    def __init__(self, workdir: str | Path, *, enabled: bool, num_steps: int, start_step: int, batch_size: int,
-                 progress_bar: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path | WorkdirFiles, *, enabled: bool, num_steps: int, start_step: int,
+                 batch_size: int, progress_bar: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.workdir = Path(workdir)
+        self.files = _files(workdir)
         self.batch_size = batch_size
         self._last_time = time.perf_counter()
         self._last_step = start_step
         self._bar = None
         self._writer = None
+        self._file = None
+        self._records: list[dict] = []  # an object-store workdir: the whole file, rewritten at flush
+        self._dirty = False
+        self._last_flush = time.monotonic()
         if not enabled:
             return
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.workdir / METRICS_FILE, "a", buffering=1)
+        self.files.makedirs()
+        if self.files.is_local:
+            self._file = open(self.files / METRICS_FILE, "a", buffering=1)
+        else:
+            self._records = read_metrics(self.files)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.workdir / "tensorboard"))
+            from ipadapter_jax.train.tensorboard_files import register_fsspec_event_files
+
+            if not self.files.is_local:
+                register_fsspec_event_files(self.files.url.split("://", 1)[0])
+            self._writer = SummaryWriter(self.files / "tensorboard")
         if progress_bar:
             from tqdm import tqdm
 
@@ -84,7 +116,13 @@ class MetricsLog:
             return record
         if not math.isfinite(record.get("loss", 0.0)):
             logger.warning("step %d: loss is %s", step, record["loss"])
-        self._file.write(json.dumps(record) + "\n")
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+        else:
+            self._records.append(record)
+            self._dirty = True
+            if time.monotonic() - self._last_flush > REMOTE_FLUSH_S:
+                self.flush()
         if self._writer is not None:
             for key, value in record.items():
                 if key != "step":
@@ -102,6 +140,19 @@ class MetricsLog:
         if self.enabled and self._writer is not None:
             self._writer.add_image(tag, image, step, dataformats="HWC")
 
+    def flush(self) -> None:
+        """Make every record so far durable (before a checkpoint is saved: see the module docstring)."""
+        if not self.enabled:
+            return
+        if self._file is not None:
+            self._file.flush()
+        elif self._dirty:
+            self.files.write_atomic(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in self._records).encode())
+            self._dirty = False
+        self._last_flush = time.monotonic()
+        if self._writer is not None:
+            self._writer.flush()
+
     def reset_timer(self, step: int) -> None:
         """Exclude a pause (checkpoint, validation) from the next steps/s."""
         self._last_time, self._last_step = time.perf_counter(), step
@@ -111,6 +162,8 @@ class MetricsLog:
             return
         if self._bar is not None:
             self._bar.close()
+        self.flush()
         if self._writer is not None:
             self._writer.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

@@ -25,6 +25,7 @@ from ipadapter_jax.train.program import TrainProgram, build_train_program, train
 from ipadapter_jax.train.sharding import logical_spec, put_host_tree, replicated
 from ipadapter_jax.train.state import TrainState, cross_attention_kv
 from ipadapter_jax.train.step import StepSettings, batch_keys
+from ipadapter_jax.train.workdir_files import WorkdirFiles
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
 from ipadapter_jax.weights.remote_files import local_folder
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass(eq=False)
 class TrainingSetup:
     config: TrainConfig
-    workdir: Path
+    workdir: WorkdirFiles  # local or a URL: metrics, exports, validation grids and checkpoints go here
     mesh: Mesh
     model_dir: Path
     shards: Any  # the training shards: the config's (or the tiny world's) spec, or the latent cache's URLs
@@ -86,7 +87,8 @@ def tiny_world_paths(config: TrainConfig, workdir: Path) -> tuple[Path, str]:
     """Model folder and shard spec when the config names no model or no data: with no model, the tiny random
     world (model and its shards) in ``WORKDIR/tiny_world``; with a model but no data, the toy world's shapes
     shards (``ipadapter_jax.toy.shapes_dataset``, what the shipped toy base was trained on) in
-    ``WORKDIR/toy_shards``. Process 0 writes; the others wait for it."""
+    ``WORKDIR/toy_shards``. ``workdir`` is a local folder (a URL workdir passes its ``local_scratch``: the
+    loaders read model folders from disk). Process 0 writes; the others wait for it."""
     # A gs:// (or other URL) model folder is copied into the local cache once, on every host.
     model_dir = local_folder(config.model.model_dir) if config.model.model_dir else workdir / "tiny_world" / "model"
     if config.model.model_dir:
@@ -131,12 +133,12 @@ def projection_config(config: TrainConfig, modules: FrozenModules) -> Projection
                             dim_head=a.dim_head, ff_mult=a.ff_mult)
 
 
-def build_setup(config: TrainConfig, workdir: str | Path) -> TrainingSetup:
-    workdir = Path(workdir)
+def build_setup(config: TrainConfig, workdir: str | Path | WorkdirFiles) -> TrainingSetup:
+    workdir = workdir if isinstance(workdir, WorkdirFiles) else WorkdirFiles(workdir)
     mesh = train_mesh(config, jax.devices(), jax.process_count())
     logger.info("mesh: data=%d x fsdp=%d over %d devices in %d processes", mesh.shape["data"], mesh.shape["fsdp"],
                 jax.device_count(), jax.process_count())
-    model_dir, image_shards = tiny_world_paths(config, workdir)
+    model_dir, image_shards = tiny_world_paths(config, workdir.local_scratch())
     if not config.data.cache_latents and not config.data.tfds_name:
         # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
         # processes) must fail now, not after minutes of loading and compiling.

@@ -10,6 +10,7 @@ same loop users run), with classifier-free guidance against an empty caption and
 from __future__ import annotations
 
 import functools
+import io
 import logging
 from pathlib import Path
 
@@ -125,13 +126,17 @@ class Validator:
         rows = [np.concatenate([c[i] for c in columns], axis=1) for i in range(len(self.reference))]
         return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
 
-    def run(self, adapter_params, step: int, log) -> Path | None:
+    def run(self, adapter_params, step: int, log) -> Path | str | None:
+        """Writes ``WORKDIR/validation/step_<step>.png`` (whole or not at all, local or at a URL); returns it."""
         grid = self.grid(adapter_params)
         if jax.process_index() != 0:
             return None
-        path = self.setup.workdir / "validation" / f"step_{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
+        png = io.BytesIO()
+        Image.fromarray(grid).save(png, format="PNG")
+        files = self.setup.workdir
+        name = f"validation/step_{step:08d}.png"
+        files.write_atomic(name, png.getvalue())
+        path = Path(files / name) if files.is_local else files / name
         log.image("validation/grid", grid, step)
         logger.info("validation grid: %s (columns: reference, scales %s)", path, list(self.setup.config.validation.scales))
         return path

@@ -21,7 +21,8 @@ import numpy as np
 from ipadapter_jax.models.adapter import IPAdapter
 from ipadapter_jax.models.image_projection import (FULL, PLAIN, PLUS, ProjectionConfig, dummy_projection_input,
                                                    projection_module)
-from ipadapter_jax.weights.safetensors_io import WeightFileError, read_safetensors, write_safetensors
+from ipadapter_jax.weights.safetensors_io import (WeightFileError, read_safetensors, safetensors_bytes,
+                                                  write_safetensors)
 from ipadapter_jax.weights.torch_layout import flax_to_torch, torch_to_flax
 
 _LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
@@ -178,5 +179,13 @@ def save_ip_adapter(adapter: IPAdapter, path: str | os.PathLike, dtype: Any = np
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: IP-Adapters are written as .safetensors only")
-    write_safetensors(ip_adapter_state_dict(adapter, dtype), path,
-                      metadata={"format": "pt", "ip_adapter_variant": adapter.variant})
+    write_safetensors(ip_adapter_state_dict(adapter, dtype), path, metadata=_file_metadata(adapter))
+
+
+def _file_metadata(adapter: IPAdapter) -> dict[str, str]:
+    return {"format": "pt", "ip_adapter_variant": adapter.variant}
+
+
+def ip_adapter_file_bytes(adapter: IPAdapter, dtype: Any = np.float32) -> bytes:
+    """The bytes ``save_ip_adapter`` writes, in memory (the trainer's exports, local or at a URL)."""
+    return safetensors_bytes(ip_adapter_state_dict(adapter, dtype), metadata=_file_metadata(adapter))

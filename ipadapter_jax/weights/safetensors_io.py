@@ -95,6 +95,12 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A whole ``.safetensors`` file in memory (for storage written as one object, e.g. a ``gs://`` workdir)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    return safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None)
+
+
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write atomically: a crash mid-write never leaves a half file under the final name."""
