@@ -139,3 +139,29 @@ def test_an_intact_checkpoint_of_another_config_is_refused_and_left_in_place(wor
     assert len(lines) == 1 and "other shapes than this config builds" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (workdir / "checkpoints.damaged").exists()
     assert (workdir / "checkpoints" / "8").is_dir()
+
+
+def test_abandoned_reads_into_a_closed_event_loop_print_nothing():
+    # CI once saw tensorstore's callbacks for the reads a failed restore abandons raise "Event loop is closed"
+    # from its own threads, printed as bare tracebacks under the one-line error. Reproduce both ways Python
+    # prints such an error (sys.excepthook, sys.unraisablehook) after the restore path has installed its
+    # filters: the closed-loop callbacks vanish, any other error still prints.
+    script = """
+import asyncio, sys
+from ipadapter_jax.train.checkpoint import _quiet_abandoned_reads
+_quiet_abandoned_reads()
+loop = asyncio.new_event_loop(); loop.close()
+try:
+    loop.call_soon_threadsafe(print)
+except RuntimeError as exc:
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+    class U: exc_type, exc_value, exc_traceback, err_msg, object = type(exc), exc, exc.__traceback__, None, print
+    sys.unraisablehook(U)
+try:
+    raise RuntimeError("something else")
+except RuntimeError as exc:
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "Event loop is closed" not in proc.stderr, proc.stderr
+    assert "RuntimeError: something else" in proc.stderr, proc.stderr

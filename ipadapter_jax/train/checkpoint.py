@@ -87,22 +87,37 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
+def _is_closed_loop_callback(exc_type, exc) -> bool:
+    # tensorstore finishes an abandoned read on its own thread and hands the result to the asyncio loop orbax
+    # ran the restore in; that loop is closed by then, and the callback's RuntimeError is printed directly
+    # (sys.excepthook), with no "Exception ignored" header.
+    return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
 def _quiet_abandoned_reads() -> None:
-    """After a failed restore, orbax leaves the reads of the other arrays as coroutines whose exceptions nobody
-    retrieves; Python prints each with a traceback when it is collected (often at exit). Those are the same
-    damage the one warning line already reported: drop them, pass every other unraisable on."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_abandoned_orbax_reads", False):
+    """After a failed restore, orbax leaves the reads of the other arrays behind: as coroutines whose
+    exceptions nobody retrieves (printed through ``sys.unraisablehook`` when collected, often at exit), and as
+    tensorstore callbacks into the restore's closed event loop (printed through ``sys.excepthook`` from
+    tensorstore's threads, at any time). Both are the damage the one warning line already reported: drop
+    exactly those, pass everything else on."""
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    if getattr(previous_unraisable, "_drops_abandoned_orbax_reads", False):
         return
 
-    def hook(unraisable):
+    def unraisable_hook(unraisable):
         where = getattr(unraisable.object, "__qualname__", "") or repr(unraisable.object)
-        if "_read_array_index_and_device_put" in where or "orbax" in where:
+        if ("_read_array_index_and_device_put" in where or "orbax" in where
+                or _is_closed_loop_callback(unraisable.exc_type, unraisable.exc_value)):
             return
-        previous(unraisable)
+        previous_unraisable(unraisable)
 
-    hook._drops_abandoned_orbax_reads = True
-    sys.unraisablehook = hook
+    def except_hook(exc_type, exc, tb):
+        if _is_closed_loop_callback(exc_type, exc):
+            return
+        previous_except(exc_type, exc, tb)
+
+    unraisable_hook._drops_abandoned_orbax_reads = True
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 def _is_mismatch(exc: BaseException) -> bool:
