@@ -3,9 +3,8 @@
 Everything the trainer writes beside its checkpoints goes through `WorkdirFiles` (metrics, TensorBoard events,
 validation grids, exported adapters, the lease), with the same promise on both kinds of storage:
 
-  - ``write_atomic``: a reader sees the previous content or the new one, never a part. On disk: a temporary
-    file and ``os.replace``. On an object store: one upload, which the store commits whole when it ends; no
-    temporary and rename, since a rename there is a copy and a delete that a kill can split.
+  - ``write_atomic``: a reader sees the previous content or the new one, never a part (``atomic_files``: on
+    disk a temporary file and ``os.replace``, on an object store one upload).
   - ``create_exclusive``: of two writers, one wins. On disk ``O_EXCL``; on GCS a create precondition
     (``ifGenerationMatch=0``, fsspec's ``mode="create"``), followed by a read-back of the winner.
   - nothing appends: an object cannot grow, so ``metrics_log`` rewrites its file instead.
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from etils import epath
 
+from ipadapter_jax.atomic_files import write_atomic
 from ipadapter_jax.weights.remote_files import cache_root, is_url
 
 
@@ -94,19 +94,7 @@ class WorkdirFiles:
         return self.read_bytes(name).decode("utf-8")
 
     def write_atomic(self, name: str, data: bytes) -> None:
-        target = self._where(name)
-        if not self.is_local:
-            self.fs.pipe_file(target, data)
-            return
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # e.g. a full disk: no half file lingers
-            raise
+        write_atomic(self._where(name), data, self.fs)
 
     def create_exclusive(self, name: str, data: bytes) -> None:
         """Write ``name`` only if it does not exist; raises ``FileExistsError`` if it does."""

@@ -21,6 +21,7 @@ import os
 import posixpath
 from pathlib import Path
 
+from ipadapter_jax.atomic_files import atomic_path
 from ipadapter_jax.weights.safetensors_io import WeightFileError
 
 _KEPT_SUFFIXES = (".json", ".txt", ".safetensors", ".model", ".bin")
@@ -54,15 +55,10 @@ def _cache_dir(url: str) -> Path:
 def _fetch(fs, remote: str, local: Path, size: int | None) -> None:
     if local.is_file() and (size is None or local.stat().st_size == size):
         return
-    local.parent.mkdir(parents=True, exist_ok=True)
-    partial = local.with_name(local.name + f".partial-{os.getpid()}")
-    try:
+    with atomic_path(local) as partial:
         fs.get_file(remote, str(partial))
         if size is not None and partial.stat().st_size != size:
             raise WeightFileError(f"{remote}: copied {partial.stat().st_size} bytes, the source has {size}")
-        os.replace(partial, local)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _wanted(names: list[str]) -> list[str]:

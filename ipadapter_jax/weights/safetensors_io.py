@@ -18,6 +18,8 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
+from ipadapter_jax.atomic_files import atomic_path
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -104,16 +106,9 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write atomically: a crash mid-write never leaves a half file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    try:
+    with atomic_path(path) as tmp:
         safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half file behind
-        raise
 
 
 def read_json(path: str | os.PathLike) -> dict:
