@@ -123,3 +123,13 @@ def run_absl_cli(tool: str, main: Callable[[list[str]], Any], argv: Sequence[str
         return app.run(main, argv=[tool, *rest], flags_parser=parse)
 
     run_cli(tool, run, argv)
+
+
+def run_renamed(old: str, module: str) -> None:
+    """Run ``python -m module`` with this process's arguments, for a CLI moved there from ``old`` (the old name
+    works for one release after the move, with a note on stderr saying so)."""
+    import runpy
+
+    print(f"note: {old} is now python -m {module}; the old name goes in the next release", file=sys.stderr,
+          flush=True)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -11,7 +11,7 @@ import pytest
 
 from ipadapter_jax.data.synthetic import encode_image, random_image
 from ipadapter_jax.data.tar_samples import iter_shard_samples
-from ipadapter_jax.tools.make_shards import main
+from ipadapter_jax.data.make_shards import main
 
 
 @pytest.fixture()
@@ -90,7 +90,7 @@ def test_tencent_json_via_python_dash_m(image_folder, tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
-        [sys.executable, "-m", "ipadapter_jax.tools.make_shards", "--tencent-json", str(tmp_path / "data.json"),
+        [sys.executable, "-m", "ipadapter_jax.data.make_shards", "--tencent-json", str(tmp_path / "data.json"),
          "--image-root", str(root), "--out", str(out), "--samples-per-shard", "2", "--shuffle", "--seed", "1"],
         capture_output=True, text=True, env=env, timeout=120,
     )

@@ -1,5 +1,6 @@
 """Read one webdataset tar shard as a stream of samples (dicts of raw member bytes), and pick the
-image and caption out of a sample. No decoding of images here.
+image and caption out of a sample. No decoding of images here. ``add_member`` is the one way our writers
+(``data.make_shards``, ``cache.write``) put a member into a shard.
 
 Opening: local paths and ``file:`` URLs as files, ``pipe:CMD`` as the standard output of a shell command,
 ``http(s)://`` through urllib, every other scheme (``gs://`` with ``gcsfs``, ``s3://``, ``hf://``,
@@ -13,6 +14,7 @@ directories and devices are ignored, never followed), grouped into samples by we
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 import subprocess
@@ -213,3 +215,11 @@ def sample_caption(sample: dict[str, Any], json_field: str | None = None) -> tup
     if not caption:
         return None, "missing_caption"
     return caption, None
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append a regular file ``name`` (``key.ext``) holding ``data``, with a fixed mtime so that the same
+    samples give the same shard bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
