@@ -23,9 +23,9 @@ import optax
 import pytest
 
 from train_support import tiny_config, world  # noqa: F401  (world is a fixture)
-from ipadapter_jax.data.latent_cache import CacheError, read_manifest
-from ipadapter_jax.train.cache_manifest import open_latent_cache
-from ipadapter_jax.train.cache_writer import write_latent_cache
+from ipadapter_jax.cache.format import CacheError
+from ipadapter_jax.cache.manifest import open_latent_cache, read_manifest
+from ipadapter_jax.cache.write import write_latent_cache
 from ipadapter_jax.train.config import TrainConfig
 from ipadapter_jax.train.data_feed import make_source
 from ipadapter_jax.train.frozen import load_frozen_models

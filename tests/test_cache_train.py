@@ -1,5 +1,5 @@
 """Training from a latent cache through the real entry points (the cache written by ``python -m
-ipadapter_jax.tools.cache_latents``, training by ``train.main``) on the tiny world: the run trains, logs and
+ipadapter_jax.cache``, training by ``train.main``) on the tiny world: the run trains, logs and
 checkpoints; a run stopped at a checkpoint and resumed reaches the same adapter as an
 uninterrupted one (<= 1e-6, data order included); the compiled step holds only the UNet of the frozen models;
 and a cache that does not match the config is refused before compiling."""
@@ -14,7 +14,7 @@ import pytest
 
 from train_support import (REPO, adapter_arrays, config_flags, max_abs_diff, subprocess_env, tiny_config,  # noqa: F401
                            world)
-from ipadapter_jax.data.latent_cache import CacheError
+from ipadapter_jax.cache.format import CacheError
 from ipadapter_jax.train import TrainConfig, main
 from ipadapter_jax.train.metrics_log import read_metrics
 from ipadapter_jax.train.setup import build_setup
@@ -24,7 +24,7 @@ from ipadapter_jax.train.setup import build_setup
 def cache_dir(world, tmp_path_factory) -> str:
     """Written by the command line tool, as a user would."""
     out = tmp_path_factory.mktemp("latent_cache")
-    cmd = [sys.executable, "-m", "ipadapter_jax.tools.cache_latents", "--config", str(REPO / "configs" / "tiny.py"),
+    cmd = [sys.executable, "-m", "ipadapter_jax.cache", "--config", str(REPO / "configs" / "tiny.py"),
            "--out", str(out), "--batch_size", "16", *config_flags(tiny_config(world))]
     proc = subprocess.run(cmd, cwd=str(REPO), env=subprocess_env(world), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -22,7 +22,7 @@ import numpy as np
 
 from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig, clip_preprocess_one
 from ipadapter_jax.data.conditioning_dropout import DropoutRates, drop_captions, sample_conditioning_drops
-from ipadapter_jax.data.image_ops import DEFAULT_MAX_PIXELS, AlphaMode, decode_image, resize_and_crop
+from ipadapter_jax.data.image_ops import DEFAULT_MAX_PIXELS, AlphaMode, ImageDecodeError, decode_image, resize_and_crop
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 
 
@@ -73,6 +73,15 @@ class ExampleProcessor:
         return Example(
             pixels, clip_pixels, decoded.original_size, crop_top_left, caption, key, decoded.conversion
         )
+
+    def process_or_skip(
+        self, image_bytes: bytes, caption: str, key: str, rng: np.random.Generator | None = None
+    ) -> Example | str:
+        """`process`, or the reason to skip the image (a counter name from `counters`)."""
+        try:
+            return self.process(image_bytes, caption, key, rng)
+        except ImageDecodeError as exc:
+            return exc.reason
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,12 @@ TensorFlow only reads records here; it is kept off the accelerators and to few t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from ipadapter_jax.data.counters import SampleCounters
 from ipadapter_jax.data.examples import BatchCollator, Example, ExampleProcessor
-from ipadapter_jax.data.image_ops import ImageDecodeError
-from ipadapter_jax.data.shards import resolve_process
+from ipadapter_jax.data.source import BatchSource, Record, process_share, record_rng
 
 STATE_FORMAT = "ipadapter_jax.tfds_source/1"
 
@@ -103,91 +100,32 @@ def element_image_and_caption(
     return image_bytes, caption, None
 
 
-class TfdsSource:
-    """Iterator of local batches from a prepared TFDS dataset (``data_dir`` may be ``gs://``).
+class TfdsReader:
+    """The records of this process's slice of a TFDS split (``tfds.split_for_jax_process``): positions
+    ``(epoch, records_taken)``; each epoch reads the files in an order shuffled by (seed, epoch), records in
+    file order. Starting mid-epoch rebuilds that epoch's dataset and skips the records taken (read again,
+    images not decoded)."""
 
-    Args mirror `WebDatasetSource`; ``name`` / ``split`` / ``data_dir`` select the dataset,
-    ``image_key`` / ``caption_key`` the features. ``read_threads``: TensorFlow's threads reading records (and
-    files interleaved); ``num_decode_threads``: threads decoding and cropping images (0 = inline). Neither
-    changes the order.
-    """
+    state_format = STATE_FORMAT
+    position_fields = ("epoch", "records_taken")
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        global_batch_size: int,
-        processor: ExampleProcessor,
-        collator: BatchCollator,
-        split: str = "train",
-        data_dir: str | None = None,
-        image_key: str = "image",
-        caption_key: str = "caption",
-        seed: int = 0,
-        num_epochs: int | None = None,
-        read_threads: int = 1,
-        num_decode_threads: int = 0,
-        process_index: int | None = None,
-        process_count: int | None = None,
-        state: dict | None = None,
-    ):
-        self._tfds = import_tfds()
-        self.read_threads = max(1, int(read_threads))
-        self._executor = ThreadPoolExecutor(num_decode_threads) if num_decode_threads > 0 else None
-        self.process_index, self.process_count = resolve_process(process_index, process_count)
-        if global_batch_size % self.process_count:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} is not divisible by process_count {self.process_count}"
-            )
-        self.local_batch_size = global_batch_size // self.process_count
-        self.name, self.split, self.data_dir = name, split, data_dir
-        self.image_key, self.caption_key = image_key, caption_key
-        self.processor, self.collator = processor, collator
-        self.seed, self.num_epochs = int(seed), num_epochs
-        self._builder = self._tfds.builder(name, data_dir=data_dir)
-        self._process_split = self._tfds.split_for_jax_process(
-            split, process_index=self.process_index, process_count=self.process_count, drop_remainder=True
-        )
-        self._epoch, self._taken, self._batches_emitted = 0, 0, 0
-        self.counters = SampleCounters()
-        if state is not None:
-            self._load_state(state)
-        self._elements: Iterator | None = None
+    def __init__(self, tfds: Any, name: str, split: str, data_dir: str | None, image_key: str, caption_key: str,
+                 seed: int, num_epochs: int | None, read_threads: int, process_index: int, process_count: int):
+        self._tfds = tfds
+        self.name, self.split, self.image_key, self.caption_key = name, split, image_key, caption_key
+        self.seed, self.num_epochs, self.read_threads = int(seed), num_epochs, max(1, int(read_threads))
+        self._builder = tfds.builder(name, data_dir=data_dir)
+        self._process_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                                         process_count=process_count, drop_remainder=True)
+        self.description = f"TFDS split {self._process_split!r} of {name}"
 
-    def _fingerprint(self) -> dict:
-        return {
-            "name": self.name,
-            "split": self.split,
-            "image_key": self.image_key,
-            "caption_key": self.caption_key,
-            "seed": self.seed,
-            "process_index": self.process_index,
-            "process_count": self.process_count,
-            "local_batch_size": self.local_batch_size,
-        }
+    def fingerprint(self) -> dict:
+        return {"name": self.name, "split": self.split, "image_key": self.image_key,
+                "caption_key": self.caption_key, "seed": self.seed}
 
-    def get_state(self) -> dict:
-        return {
-            "format": STATE_FORMAT,
-            "epoch": self._epoch,
-            "records_taken": self._taken,
-            "batches_emitted": self._batches_emitted,
-            "counters": self.counters.to_dict(),
-            "fingerprint": self._fingerprint(),
-        }
-
-    def _load_state(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a TFDS source state: format={state.get('format')!r}")
-        if state.get("fingerprint") != self._fingerprint():
-            raise ValueError(f"state fingerprint {state.get('fingerprint')} != {self._fingerprint()}")
-        self._epoch, self._taken = int(state["epoch"]), int(state["records_taken"])
-        self._batches_emitted = int(state["batches_emitted"])
-        self.counters = SampleCounters.from_dict(state["counters"])
-
-    def _epoch_elements(self) -> Iterator[dict]:
+    def _epoch_elements(self, epoch: int, skip: int) -> Iterator[dict]:
         tfds = self._tfds
-        epoch_seed = int(np.random.SeedSequence([self.seed, self._epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+        epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
         import tensorflow as tf  # already imported by import_tfds
 
         options = tf.data.Options()
@@ -200,86 +138,47 @@ class TfdsSource:
             read_config=tfds.ReadConfig(shuffle_seed=epoch_seed, shuffle_reshuffle_each_iteration=False,
                                         interleave_cycle_length=self.read_threads, options=options),
         )
-        if self._taken:
-            dataset = dataset.skip(self._taken)
+        if skip:
+            dataset = dataset.skip(skip)
         return iter(tfds.as_numpy(dataset))
 
-    def _next_element(self) -> dict:
-        while True:
-            if self.num_epochs is not None and self._epoch >= self.num_epochs:
-                raise StopIteration
-            if self._elements is None:
-                self._elements = self._epoch_elements()
-            try:
-                element = next(self._elements)
-            except StopIteration:
-                if self._taken == 0:
-                    raise RuntimeError(f"TFDS split {self._process_split!r} of {self.name} is empty")
-                self._epoch, self._taken, self._elements = self._epoch + 1, 0, None
-                continue
-            self._taken += 1
-            return element
+    def records(self, start: tuple[int, ...]) -> Iterator[Record]:
+        epoch, taken = start
+        while self.num_epochs is None or epoch < self.num_epochs:
+            for element in self._epoch_elements(epoch, taken):
+                taken += 1
+                yield Record((epoch, taken), element, f"{epoch}/{taken - 1}", (epoch, taken))
+            if taken == 0:
+                raise RuntimeError(f"{self.description} is empty")
+            epoch, taken = epoch + 1, 0
 
-    def __iter__(self) -> "TfdsSource":
-        return self
 
-    def _decode(self, element: dict, epoch: int, index: int) -> Example | str:
-        """Example, or the skip reason, for the ``index``-th record of ``epoch``."""
-        image_bytes, caption, reason = element_image_and_caption(element, self.image_key, self.caption_key)
-        if reason is not None:
-            return reason
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index + 1, 0x5EED]))
-        try:
-            return self.processor.process(image_bytes, caption, f"{epoch}/{index}", rng)
-        except ImageDecodeError as exc:
-            return exc.reason
+class TfdsSource(BatchSource):
+    """Local batches from a prepared TFDS dataset (``data_dir`` may be ``gs://``): a ``TfdsReader`` and the
+    image decoding of `examples` composed in a ``BatchSource``.
 
-    def __next__(self) -> dict:
-        examples: list[Example] = []
-        while len(examples) < self.local_batch_size:
-            # Exactly as many records as still missing are read, so the state never runs ahead of the batches;
-            # they are decoded in parallel, and used in read order.
-            read, exhausted = [], False
-            try:
-                for _ in range(self.local_batch_size - len(examples)):
-                    element = self._next_element()
-                    read.append((element, self._epoch, self._taken - 1))
-            except StopIteration:
-                exhausted = True
-            if self._executor is not None:
-                results = list(self._executor.map(lambda r: self._decode(*r), read))
-            else:
-                results = [self._decode(*r) for r in read]
-            for result in results:
-                if isinstance(result, str):
-                    self.counters.skip(result)
-                    continue
-                self.counters.used += 1
-                self.counters.convert(result.conversion)
-                examples.append(result)
-            if exhausted:
-                raise StopIteration
-        batch = self.collator(examples, step=self._batches_emitted, process_index=self.process_index)
-        self._batches_emitted += 1
-        batch["counters"] = self.counters.to_dict()
-        return batch
+    Args mirror `WebDatasetSource`; ``name`` / ``split`` / ``data_dir`` select the dataset,
+    ``image_key`` / ``caption_key`` the features. ``read_threads``: TensorFlow's threads reading records (and
+    files interleaved); ``num_decode_threads``: threads decoding and cropping images (0 = inline). Neither
+    changes the order.
+    """
 
-    @property
-    def batches_emitted(self) -> int:
-        return self._batches_emitted
+    def __init__(self, name: str, *, global_batch_size: int, processor: ExampleProcessor, collator: BatchCollator,
+                 split: str = "train", data_dir: str | None = None, image_key: str = "image",
+                 caption_key: str = "caption", seed: int = 0, num_epochs: int | None = None, read_threads: int = 1,
+                 num_decode_threads: int = 0, process_index: int | None = None, process_count: int | None = None,
+                 state: dict | None = None):
+        tfds = import_tfds()
+        process_index, process_count, local = process_share(global_batch_size, process_index, process_count)
+        reader = TfdsReader(tfds, name, split, data_dir, image_key, caption_key, seed, num_epochs, read_threads,
+                            process_index, process_count)
 
-    def close(self) -> None:
-        """Stop the decode threads and drop the open TF iterator."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-        self._elements = None
+        def decode(record: Record) -> Example | str:
+            image_bytes, caption, reason = element_image_and_caption(record.payload, image_key, caption_key)
+            return reason or processor.process_or_skip(image_bytes, caption, record.key, record_rng(seed, record))
 
-    def __enter__(self) -> "TfdsSource":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        super().__init__(reader, decode, collator, local_batch_size=local, process_index=process_index,
+                         process_count=process_count, num_decode_threads=num_decode_threads, state=state)
 
 
 def _nested_decoders(path: str, decoder: Any) -> dict:

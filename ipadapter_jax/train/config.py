@@ -196,7 +196,7 @@ class TrainConfig:
             p.append(f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds num_steps={self.num_steps}")
         if self.data.cache_latents and not self.data.cache_dir:
             p.append("data.cache_latents is on but data.cache_dir is empty: name the folder written by "
-                     "python -m ipadapter_jax.tools.cache_latents")
+                     "python -m ipadapter_jax.cache")
         if self.data.tfds_name:
             if self.data.shards:
                 p.append(f"data.shards={self.data.shards!r} and data.tfds_name={self.data.tfds_name!r} are both set: "

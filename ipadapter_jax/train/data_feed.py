@@ -1,6 +1,7 @@
-"""Feeding the train step: this process's webdataset (or TFDS, or latent-cache) source, prefetched in a thread, assembled into global
-batches, each paired with the iterator position *after* it, so a checkpoint taken after step N stores
-exactly the position of N consumed batches however far the prefetcher has read ahead.
+"""Feeding the train step: this process's training source (webdataset, TFDS or latent cache; any
+``data.source.Source``), prefetched in a thread, assembled into global batches, each paired with the source's
+state *after* it, so a checkpoint taken after step N stores exactly the position of N consumed batches however
+far the prefetcher has read ahead.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from ipadapter_jax.data.cached_source import CachedBatchCollator, CachedSource
+from ipadapter_jax.cache.manifest import LatentCache
+from ipadapter_jax.cache.source import CachedBatchCollator, CachedSource
 from ipadapter_jax.data.conditioning_dropout import DropoutRates
 from ipadapter_jax.data.examples import BatchCollator, ExampleProcessor
 from ipadapter_jax.data.global_batch import make_global_batch
+from ipadapter_jax.data.source import Source
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.data.webdataset_source import WebDatasetSource
-from ipadapter_jax.train.cache_manifest import LatentCache
 from ipadapter_jax.train.config import TrainConfig
 from ipadapter_jax.train.frozen import FrozenModules
 
@@ -30,7 +32,7 @@ class FedBatch(NamedTuple):
 
 
 def make_source(config: TrainConfig, modules: FrozenModules, shards: str | Sequence[str],
-                state: dict | None = None, cache: LatentCache | None = None, **overrides: Any) -> Any:
+                state: dict | None = None, cache: LatentCache | None = None, **overrides: Any) -> Source:
     """This process's training source over ``shards``: a ``WebDatasetSource``; with an opened latent ``cache``, a
     ``CachedSource`` over the cache's shards; with ``data.tfds_name``, a ``TfdsSource`` over that prepared TFDS
     dataset (``shards`` is ignored in both; TensorFlow is imported only then). ``overrides`` go to the source."""
@@ -61,7 +63,7 @@ def make_source(config: TrainConfig, modules: FrozenModules, shards: str | Seque
 class DataFeed:
     """Iterator of ``FedBatch``; a daemon thread reads up to ``prefetch`` batches ahead (0: read inline)."""
 
-    def __init__(self, source: WebDatasetSource, mesh: Mesh, batch_spec: PartitionSpec, keys: Sequence[str],
+    def __init__(self, source: Source, mesh: Mesh, batch_spec: PartitionSpec, keys: Sequence[str],
                  prefetch: int = 2):
         self.source = source
         self._mesh, self._spec, self._keys = mesh, batch_spec, tuple(keys)

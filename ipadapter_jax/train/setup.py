@@ -15,10 +15,11 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 
+from ipadapter_jax.cache.batch import cached_frozen
+from ipadapter_jax.cache.manifest import LatentCache, open_latent_cache
 from ipadapter_jax.data.shards import check_local_shards_exist, expand_shard_spec, shards_for_process
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.train import tiny_world
-from ipadapter_jax.train.cache_manifest import LatentCache, open_latent_cache
 from ipadapter_jax.train.config import TrainConfig
 from ipadapter_jax.train.frozen import FrozenModels, FrozenModules, image_encoder_folder, load_frozen_models
 from ipadapter_jax.train.program import TrainProgram, build_train_program, train_mesh
@@ -44,7 +45,7 @@ class TrainingSetup:
     frozen_models: FrozenModels
     frozen: dict  # frozen params on the mesh, compute dtype
     projection: ProjectionConfig
-    program: TrainProgram  # the one train-step builder's output (what tpu_plan compiles for a slice)
+    program: TrainProgram  # the one train-step builder's output (what a TPU plan compiles for a slice)
     kv: dict  # cross-attention to_k/to_v kernels (host) for the paper init
     abstract_rng_data: jax.ShapeDtypeStruct
     compiled_step: Any
@@ -161,8 +162,8 @@ def build_setup(config: TrainConfig, workdir: str | Path | WorkdirFiles) -> Trai
     host_frozen = frozen_models.params_in(config.model.compute_dtype)
     if cache is not None:
         # The step needs only the UNet; validation (if on) still encodes its prompts and decodes its samples.
-        kept = host_frozen if config.validation.every_steps else {"unet": host_frozen["unet"]}
-        host_frozen = {**kept, "image_uncond": cache.uncond["image_features"]}
+        host_frozen = cached_frozen(host_frozen, cache.uncond["image_features"],
+                                    keep_encoders=bool(config.validation.every_steps))
 
     projection = projection_config(config, modules)
     init_adapter = load_ip_adapter(config.adapter.init_from) if config.adapter.init_from else None

@@ -10,8 +10,8 @@ before one optimizer update.
 Batch layout (global arrays, leading axis sharded over the mesh; see ``data.examples``):
   pixels [B, R, R, 3] f32 in [-1, 1]; clip_pixels [B, S, S, 3] f32; input_ids [B, T] i32;
   input_ids_2 [B, T] i32 (SDXL); original_size, crop_top_left [B, 2] i32 (SDXL); drop_image [B] bool.
-With ``StepSettings.cached_latents`` the batch carries the encoders' outputs instead (see ``cached_batch``)
-and ``frozen`` is ``{"unet", "image_uncond"}`` (plus any models the step ignores).
+With ``StepSettings.cached_latents`` the batch carries the encoders' outputs instead and ``frozen`` is
+``cache.batch.cached_frozen``'s tree (see ``cache.batch``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from ipadapter_jax.cache.batch import (abstract_cached_batch, cached_batch_keys, cached_image_features,
+                                       latents_from_moments)
 from ipadapter_jax.diffusion.noise_schedule import add_noise, snr, training_target
 from ipadapter_jax.models.adapter import adapter_variables
 from ipadapter_jax.models.image_projection import ProjectionConfig, projection_module
-from ipadapter_jax.train.cached_batch import (abstract_cached_batch, cached_batch_keys, cached_image_features,
-                                              latents_from_moments)
 from ipadapter_jax.train.frozen import (FrozenModules, encode_image_prompt, encode_latents, encode_text,
                                         sdxl_time_ids)
 from ipadapter_jax.train.state import TrainState
@@ -44,7 +44,7 @@ class StepSettings:
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0
     sample_posterior: bool = True
-    cached_latents: bool = False  # the batch holds cached encodings (``cached_batch``), not pixels and ids
+    cached_latents: bool = False  # the batch holds cached encodings (``cache.batch``), not pixels and ids
 
 
 def batch_keys(modules: FrozenModules, cached_latents: bool = False) -> tuple[str, ...]:
@@ -101,7 +101,7 @@ def encode_batch(modules: FrozenModules, frozen: dict, batch: dict, rng: jax.Arr
     if settings.cached_latents:
         latents = latents_from_moments(batch["latent_mean"], batch["latent_logvar"], k_latent, modules.vae_config)
         context, pooled = batch["text_context"], batch.get("text_pooled")
-        features = cached_image_features(batch["image_features"], batch["drop_image"], frozen["image_uncond"])
+        features = cached_image_features(batch["image_features"], batch["drop_image"], frozen)
     else:
         latents = encode_latents(modules, frozen, batch["pixels"], k_latent)
         context, pooled = encode_text(modules, frozen, batch["input_ids"], batch.get("input_ids_2"))

@@ -1,5 +1,6 @@
-"""Training source over latent-cache shards (see ``latent_cache``): the webdataset source's machinery (shard
-order, exact resume state, skip counters, decode threads) with cached encodings instead of images.
+"""Training source over latent-cache shards: the webdataset source's ``ShardReader`` (shard order, exact
+resume) and the shared ``BatchSource`` (counters, state, decode threads), with cached encodings decoded
+instead of images.
 
 Conditioning dropout is drawn exactly as ``examples.BatchCollator`` draws it (same seed, batch index and
 process index, so the same examples lose their caption or image as on the online path): a dropped caption's
@@ -14,14 +15,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ipadapter_jax.cache.format import decode_cached_sample
 from ipadapter_jax.data.conditioning_dropout import DropoutRates, sample_conditioning_drops
-from ipadapter_jax.data.latent_cache import decode_cached_sample
-from ipadapter_jax.data.webdataset_source import WebDatasetSource, _Item
+from ipadapter_jax.data.source import Record
+from ipadapter_jax.data.webdataset_source import ShardSource
 
 
 @dataclass(frozen=True)
 class CachedExample:
-    arrays: dict[str, np.ndarray]  # one example's cached members (see ``train.cached_batch``)
+    arrays: dict[str, np.ndarray]  # one example's cached members (see ``cache.format``)
     caption: str
     key: str
 
@@ -52,20 +54,19 @@ class CachedBatchCollator:
         return batch
 
 
-class CachedSource(WebDatasetSource):
-    """``WebDatasetSource`` over cache shards. ``shapes``: per-example shape of every member to read
-    (``train.cached_batch.cached_example_shapes``); a sample that does not match is skipped and counted as
-    ``bad_cache_sample``. Other arguments as ``WebDatasetSource`` (no image processor)."""
+class CachedSource(ShardSource):
+    """Local cached batches from cache shards. ``shapes``: per-example shape of every member to read
+    (``cache.format.cached_example_shapes``); a sample that does not match is skipped and counted as
+    ``bad_cache_sample``. Other arguments as ``data.webdataset_source.ShardSource``."""
 
     def __init__(self, shards: str | Sequence[str], *, shapes: dict[str, tuple], collator: CachedBatchCollator,
-                 **kwargs: Any):
-        self.shapes = {k: tuple(v) for k, v in shapes.items()}
-        kwargs.pop("caption_json_field", None)
-        super().__init__(shards, processor=None, collator=collator, **kwargs)
+                 **options: Any):
+        shapes = {k: tuple(v) for k, v in shapes.items()}
 
-    def _work(self, item: _Item) -> CachedExample | str:
-        arrays = decode_cached_sample(item.payload, self.shapes)
-        if isinstance(arrays, str):
-            return arrays
-        caption = item.payload.get("txt", b"").decode("utf-8", errors="replace")
-        return CachedExample(arrays, caption, item.payload["__key__"])
+        def decode(record: Record) -> CachedExample | str:
+            arrays = decode_cached_sample(record.payload, shapes)
+            if isinstance(arrays, str):
+                return arrays
+            return CachedExample(arrays, record.payload.get("txt", b"").decode("utf-8", errors="replace"), record.key)
+
+        super().__init__(shards, decode, collator, **options)

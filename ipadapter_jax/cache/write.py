@@ -1,9 +1,10 @@
-"""Writing a latent cache (format: ``data.latent_cache``): every source shard of a training config through the
-online path's example processing, then the frozen encoders (jitted, batched over this host's devices).
+"""Writing a latent cache (format: ``cache.format``): every source shard of a training config through the
+online path's example processing, then the frozen encoders (``cache.encode``: jitted, batched over this host's
+devices).
 
 Each process writes the source shards ``i`` with ``i % process_count == process_index`` (the online source's
-split), one cache shard per source shard, each to a temporary name renamed when complete, so a preempted
-writer re-run with the same arguments continues with the shards it had not finished. Process 0 writes
+split), one cache shard per source shard, each published whole (``atomic_files``) once complete, so a
+preempted writer re-run with the same arguments continues with the shards it had not finished. Process 0 writes
 ``uncond.npz`` and, when its own shards are done, ``manifest.json``; every process writes its
 ``counts-*.json``. Unusable samples and broken shards are skipped and counted by the same reasons as online.
 
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
+import functools
+import itertools
 import json
 import logging
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +29,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ipadapter_jax.atomic_files import atomic_path, write_atomic
+from ipadapter_jax.cache.encode import encode_for_cache, encode_uncond, encoder_params
+from ipadapter_jax.cache.format import (FLOAT_KEYS, FORMAT, MANIFEST_NAME, STORAGE_DTYPES, UNCOND_NAME, counts_name,
+                                        npy_bytes, shard_name, uncond_bytes)
+from ipadapter_jax.cache.manifest import cache_identity
 from ipadapter_jax.data.counters import SampleCounters
 from ipadapter_jax.data.examples import Example, ExampleProcessor
-from ipadapter_jax.data.latent_cache import (FORMAT, MANIFEST_NAME, STORAGE_DTYPES, UNCOND_NAME, counts_name,
-                                             npy_bytes, shard_name, write_json_atomic, write_uncond)
 from ipadapter_jax.data.shards import expand_shard_spec, resolve_process
-from ipadapter_jax.data.tar_samples import ShardError, iter_shard_samples
+from ipadapter_jax.data.tar_samples import ShardError, add_member, iter_shard_samples
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.data.webdataset_source import process_raw_sample
-from ipadapter_jax.train.cache_encoding import encode_uncond, encoder_params, make_cache_encoder
-from ipadapter_jax.train.cache_manifest import cache_identity
-from ipadapter_jax.train.cached_batch import FLOAT_KEYS
 from ipadapter_jax.train.frozen import image_encoder_folder, load_frozen_models
 
 logger = logging.getLogger(__name__)
@@ -59,7 +62,7 @@ class _ShardEncoder:
         mesh = Mesh(np.asarray(devices), ("batch",))
         self._batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
         self._params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-        self._encode = make_cache_encoder(modules, uses_hidden)
+        self._encode = jax.jit(functools.partial(encode_for_cache, modules, uses_hidden_states=uses_hidden))
         self._tokenizer = CaptionTokenizer(modules.tokenizer_dir, max_length=modules.text_length)
         self._tokenizer_2 = (CaptionTokenizer(modules.tokenizer_2_dir, max_length=modules.text_length)
                              if modules.tokenizer_2_dir else None)
@@ -89,49 +92,43 @@ class _ShardEncoder:
         return members
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
+def _shard_examples(url: str, index: int, processor: ExampleProcessor, caption_field: str | None, seed: int,
+                    counters: SampleCounters) -> Iterator[Example]:
+    """The usable examples of one source shard, in order; the rest counted by reason as online."""
+    try:
+        with contextlib.closing(iter_shard_samples(url)) as samples:
+            for position, sample in enumerate(samples):
+                rng = np.random.default_rng(np.random.SeedSequence([seed, index, position, 0x5EED]))
+                result = process_raw_sample(processor, caption_field, sample, rng)
+                if isinstance(result, str):
+                    counters.skip(result)
+                    continue
+                counters.used += 1
+                counters.convert(result.conversion)
+                yield result
+    except ShardError as exc:
+        counters.skip(exc.reason)
+        logger.warning("skipping the rest of a shard: %s", exc)
+    counters.shards_finished += 1
 
 
 def _write_shard(url: str, index: int, out: Path, encoder: _ShardEncoder, processor: ExampleProcessor,
                  caption_field: str | None, seed: int) -> SampleCounters:
     counters = SampleCounters()
-    tmp = out.with_name(f".{out.name}.tmp")
-    pending: list[Example] = []
-    with tarfile.open(tmp, "w") as tar:
-
-        def flush():
-            for example, sample in zip(pending, encoder.encode(pending)):
-                for ext, data in sample.items():
-                    _add_member(tar, f"{example.key}.{ext}", data)
-            pending.clear()
-
-        position = 0
-        try:
-            with contextlib.closing(iter_shard_samples(url)) as samples:
-                for sample in samples:
-                    rng = np.random.default_rng(np.random.SeedSequence([seed, index, position, 0x5EED]))
-                    position += 1
-                    result = process_raw_sample(processor, caption_field, sample, rng)
-                    if isinstance(result, str):
-                        counters.skip(result)
-                        continue
-                    counters.used += 1
-                    counters.convert(result.conversion)
-                    pending.append(result)
-                    if len(pending) == encoder.batch_size:
-                        flush()
-        except ShardError as exc:
-            counters.skip(exc.reason)
-            logger.warning("skipping the rest of a shard: %s", exc)
-        if pending:
-            flush()
-    counters.shards_finished += 1
-    write_json_atomic(out.with_suffix(".json"), counters.to_dict())
-    tmp.replace(out)
+    examples = _shard_examples(url, index, processor, caption_field, seed, counters)
+    with atomic_path(out) as tmp:
+        with tarfile.open(tmp, "w") as tar:
+            while batch := list(itertools.islice(examples, encoder.batch_size)):
+                for example, sample in zip(batch, encoder.encode(batch)):
+                    for ext, data in sample.items():
+                        add_member(tar, f"{example.key}.{ext}", data)
+        # Before the shard gets its name, which is what says it is complete (``write_latent_cache`` reuses it).
+        _write_json(out.with_suffix(".json"), counters.to_dict())
     return counters
+
+
+def _write_json(path: Path, content: Any) -> None:
+    write_atomic(path, json.dumps(content, indent=1, sort_keys=True))
 
 
 def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0, storage_dtype: str = "float32",
@@ -158,7 +155,7 @@ def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0,
         empty_2 = (CaptionTokenizer(modules.tokenizer_2_dir, modules.text_length).empty_ids
                    if modules.tokenizer_2_dir else None)
         empty = CaptionTokenizer(modules.tokenizer_dir, modules.text_length).empty_ids
-        write_uncond(out_dir / UNCOND_NAME, encode_uncond(modules, params, empty, empty_2, uses_hidden))
+        write_atomic(out_dir / UNCOND_NAME, uncond_bytes(encode_uncond(modules, params, empty, empty_2, uses_hidden)))
 
     encoder = _ShardEncoder(modules, params, batch_size or config.batch_size, uses_hidden, storage_dtype)
     processor = ExampleProcessor(config.data.resolution, clip_config=modules.clip_image_config,
@@ -177,16 +174,17 @@ def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0,
             logger.info("%s <- %s: %d samples, skipped %s", out.name, urls[index], counters.used, counters.skipped)
         _merge(total, counters)
     summary.counters = total.to_dict()
-    write_json_atomic(out_dir / counts_name(process_index, process_count), summary.counters)
+    _write_json(out_dir / counts_name(process_index, process_count), summary.counters)
     if process_index == 0:
-        manifest = {"format": FORMAT, **cache_identity(config, model_dir, image_encoder_dir, modules), "model_dir": str(model_dir),
+        manifest = {"format": FORMAT, **cache_identity(config, model_dir, image_encoder_dir, modules),
+                    "model_dir": str(model_dir),
                     "image_encoder_dir": config.model.image_encoder_dir or str(model_dir / "image_encoder"),
                     "source_shards": source if isinstance(source, str) else list(source),
                     "shards": [shard_name(i) for i in range(len(urls))], "random_crop": config.data.random_crop,
                     "caption_field": config.data.caption_field, "encode_dtype": config.model.compute_dtype,
                     "storage_dtype": storage_dtype, "process_count": process_count,
                     "counts": [counts_name(i, process_count) for i in range(process_count)]}
-        write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+        _write_json(out_dir / MANIFEST_NAME, manifest)
     return summary
 
 

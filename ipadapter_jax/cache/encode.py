@@ -1,22 +1,20 @@
-"""The frozen encoders' work done ahead of training for a latent cache: what ``step.encode_batch`` would
+"""The frozen encoders' work done ahead of training for a latent cache: what ``train.step.encode_batch`` would
 compute from pixels and token ids, minus the random parts (posterior sample, dropout), which stay in training.
 
 ``encode_for_cache(modules, params, batch, uses_hidden_states)`` maps a batch of processed examples (the
 online batch layout of ``data.examples``: pixels, clip_pixels, input_ids[, input_ids_2]) to the members of
-``cached_batch``; ``encode_uncond`` gives the empty caption's text encodings and a dropped image's features,
-computed once per cache.
+``cache.format``; ``encode_uncond`` gives the empty caption's text encodings and a dropped image's features
+(the train step's ``frozen["image_uncond"]``), computed once per cache.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipadapter_jax.cache.format import image_feature_shape
 from ipadapter_jax.models.vae import AutoencoderKL
-from ipadapter_jax.train.cached_batch import image_feature_shape
 from ipadapter_jax.train.frozen import FrozenModules, encode_image_prompt, encode_text
 
 ENCODER_PARAMS = ("vae", "text_encoder", "text_encoder_2", "image_encoder")
@@ -63,13 +61,3 @@ def encode_uncond(modules: FrozenModules, params: dict, empty_ids: np.ndarray, e
         out["image_features"] = np.zeros(image_feature_shape(modules, False), np.float32)
     return {k: np.asarray(v) for k, v in out.items()}
 
-
-def make_cache_encoder(modules: FrozenModules, uses_hidden_states: bool, sharding: Any = None):
-    """Jitted ``(params, batch) -> encodings``; ``sharding`` (optional) lays out the batch's leading axis."""
-
-    def fn(params, batch):
-        if sharding is not None:
-            batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding(x.ndim)), batch)
-        return encode_for_cache(modules, params, batch, uses_hidden_states)
-
-    return jax.jit(fn)

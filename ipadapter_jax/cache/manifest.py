@@ -3,22 +3,26 @@
 Both the cache writer and the trainer compute ``cache_identity`` from the config and the model folders; the
 trainer refuses a cache whose manifest differs (``CacheError`` naming every difference) before anything is
 compiled. The model is identified by a fingerprint of the encoder weights and tokenizers
-(``latent_cache.model_fingerprint``), not by its path, so a cache written on one machine serves a run on
-another that mounts the same model elsewhere.
+(``model_fingerprint``), not by its path, so a cache written on one machine serves a run on another that
+mounts the same model elsewhere. The files are read through the shard reader's opener, so a cache can live
+wherever shards can (a local folder, ``gs://``, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ipadapter_jax.data.latent_cache import (CacheError, cache_url, model_fingerprint, read_counts,
-                                             read_manifest, read_uncond)
-from ipadapter_jax.train.cached_batch import cached_example_shapes, image_feature_shape
+from ipadapter_jax.cache.format import (FORMAT, MANIFEST_NAME, UNCOND_NAME, WRITE_COMMAND, CacheError, cache_url,
+                                        cached_example_shapes)
+from ipadapter_jax.data.tar_samples import open_shard
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,28 @@ def encoder_folders(model_dir: Path, image_encoder_dir: Path, is_sdxl: bool) -> 
     folders = {name: Path(model_dir) / name for name in names}
     folders["image_encoder"] = Path(image_encoder_dir)
     return folders
+
+
+def model_fingerprint(folders: dict[str, Path]) -> str:
+    """A cheap identity of the encoder weights a cache depends on: for every file of each folder (sorted), its
+    name, size and the SHA-1 of its first and last MiB (a safetensors header lists every tensor and its
+    offsets, so different weights, shapes or dtypes change it), without reading multi-GB files in full."""
+    digest = hashlib.sha1()
+    chunk = 1 << 20
+    for role, folder in sorted(folders.items()):
+        folder = Path(folder)
+        files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        if not files:
+            raise CacheError(f"{role}: no model files in {folder}")
+        for path in files:
+            size = path.stat().st_size
+            digest.update(f"{role}/{path.name}:{size}:".encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(chunk))
+                if size > 2 * chunk:
+                    f.seek(size - chunk)
+                    digest.update(f.read(chunk))
+    return digest.hexdigest()
 
 
 def cache_identity(config: Any, model_dir: Path, image_encoder_dir: Path, modules: Any) -> dict:
@@ -64,8 +90,49 @@ def check_manifest(manifest: dict, identity: dict, cache_dir: str) -> None:
             problems.append(f"{key}: cache {found!r}, config {expected!r}{where}")
     if problems:
         raise CacheError(f"the latent cache {cache_dir} was not made for this config:\n  " + "\n  ".join(problems)
-                         + "\nre-run python -m ipadapter_jax.tools.cache_latents with this config, or point "
-                           "data.cache_dir at a matching cache")
+                         + f"\nre-run {WRITE_COMMAND} with this config, or point data.cache_dir at a matching cache")
+
+
+def _read_bytes(url: str) -> bytes:
+    stream = open_shard(url)
+    try:
+        return stream.read()
+    finally:
+        stream.close()
+
+
+def read_manifest(cache_dir: str) -> dict:
+    url = cache_url(cache_dir, MANIFEST_NAME)
+    try:
+        manifest = json.loads(_read_bytes(url))
+    except Exception as exc:
+        raise CacheError(f"no readable latent-cache manifest at {url} ({type(exc).__name__}: {exc}); write the "
+                         f"cache with {WRITE_COMMAND} first") from exc
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{url}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def read_counts(cache_dir: str, manifest: dict) -> list[dict]:
+    """Every writer's sample counters; a missing file means that writer has not finished."""
+    out = []
+    for name in manifest.get("counts", []):
+        url = cache_url(cache_dir, name)
+        try:
+            out.append(json.loads(_read_bytes(url)))
+        except Exception as exc:
+            raise CacheError(f"the latent cache {cache_dir} is incomplete: {url} is missing or unreadable (a "
+                             f"writer process has not finished; re-run it with the same arguments)") from exc
+    return out
+
+
+def read_uncond(cache_dir: str) -> dict[str, np.ndarray]:
+    url = cache_url(cache_dir, UNCOND_NAME)
+    try:
+        with np.load(io.BytesIO(_read_bytes(url))) as data:
+            return {k: np.asarray(data[k], np.float32) for k in data.files}
+    except Exception as exc:
+        raise CacheError(f"cannot read {url}: {type(exc).__name__}: {exc}") from exc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +152,7 @@ class LatentCache:
 
 def open_latent_cache(config: Any, model_dir: Path, modules: Any,
                       image_encoder_dir: Path | None = None) -> LatentCache:
-    """Read and check ``config.data.cache_dir``'s manifest and ``uncond.npz`` (see ``data.latent_cache``).
+    """Read and check ``config.data.cache_dir``'s manifest and ``uncond.npz`` (see ``cache.format``).
     ``image_encoder_dir``: the local folder the image encoder was loaded from (None: resolved from the config)."""
     from ipadapter_jax.train.frozen import image_encoder_folder
 
@@ -96,14 +163,12 @@ def open_latent_cache(config: Any, model_dir: Path, modules: Any,
     identity = cache_identity(config, model_dir, image_encoder_dir, modules)
     check_manifest(manifest, identity, cache_dir)
     uncond = read_uncond(cache_dir)
-    expected = {"text_context": tuple(identity["shapes"]["text_context"]),
-                "image_features": image_feature_shape(modules, config.adapter.variant == "plus")}
-    if modules.is_sdxl:
-        expected["text_pooled"] = tuple(identity["shapes"]["text_pooled"])
+    shapes = {k: tuple(v) for k, v in identity["shapes"].items()}
+    expected = {k: shapes[k] for k in ("text_context", "text_pooled", "image_features") if k in shapes}
     wrong = {k: (uncond[k].shape if k in uncond else None, v) for k, v in expected.items()
              if k not in uncond or uncond[k].shape != v}
     if wrong:
-        raise CacheError(f"{cache_url(cache_dir, 'uncond.npz')}: wrong or missing arrays {wrong} (found, expected)")
+        raise CacheError(f"{cache_url(cache_dir, UNCOND_NAME)}: wrong or missing arrays {wrong} (found, expected)")
     if not manifest.get("shards"):
         raise CacheError(f"the latent cache {cache_dir} lists no shards")
     counts = read_counts(cache_dir, manifest)
@@ -117,5 +182,4 @@ def open_latent_cache(config: Any, model_dir: Path, modules: Any,
         logger.warning("the latent cache was made with random_crop=%s (one crop per image, fixed), the config "
                        "says data.random_crop=%s", manifest.get("random_crop"), config.data.random_crop)
     shards = [cache_url(cache_dir, name) for name in manifest["shards"]]
-    shapes = {k: tuple(v) for k, v in identity["shapes"].items()}
     return LatentCache(cache_dir, manifest, shards, shapes, uncond)
