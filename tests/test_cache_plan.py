@@ -1,4 +1,4 @@
-"""tools.tpu_plan's ``--latents=cached`` compiles the trainer's own cached-latents step (``data.cache_latents``):
+"""The TPU plan's ``--latents=cached`` compiles the trainer's own cached-latents step (``data.cache_latents``):
 for one CPU device (``cpu-1``), with the batch of cached encodings and only the UNet among the frozen weights."""
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "ipadapter_jax" / "assets" / "toy"
 SAMPLE = [str(REPO / "sample.py")]
 TRAIN = [str(REPO / "train.py"), "--workdir", "run"]
-MAKE_SHARDS = ["-m", "ipadapter_jax.tools.make_shards"]
+MAKE_SHARDS = ["-m", "ipadapter_jax.data.make_shards"]
 EVALUATE = ["-m", "ipadapter_jax.evaluate"]
-CACHE_LATENTS = ["-m", "ipadapter_jax.tools.cache_latents"]
-TPU_PLAN = ["-m", "ipadapter_jax.tools.tpu_plan"]
+CACHE_LATENTS = ["-m", "ipadapter_jax.cache"]
+TPU_PLAN = ["-m", "ipadapter_jax.plan"]
 SD15 = f"--config={REPO / 'configs' / 'sd15.py'}"
 TINY = f"--config={REPO / 'configs' / 'tiny.py'}"
 
@@ -51,22 +51,22 @@ CASES = {
     "train_missing_config_file": (TRAIN + ["--config=no_such_config.py"], "train.py", 2, "no_such_config.py"),
     "train_unknown_flag": (TRAIN + ["--bogus"], "train.py", 2, "bogus"),
     "make_shards_missing_images_folder": (MAKE_SHARDS + ["--images", "no_photos", "--out", "shards"],
-                                          "python -m ipadapter_jax.tools.make_shards", 2, "no such folder"),
-    "make_shards_no_out": (MAKE_SHARDS + ["--images", "photos"], "python -m ipadapter_jax.tools.make_shards", 2,
+                                          "python -m ipadapter_jax.data.make_shards", 2, "no such folder"),
+    "make_shards_no_out": (MAKE_SHARDS + ["--images", "photos"], "python -m ipadapter_jax.data.make_shards", 2,
                            "--out"),
     "evaluate_model_without_adapter": (EVALUATE + ["--model", "no_model"], "python -m ipadapter_jax.evaluate", 2,
                                        "--ip-adapter FILE is required"),
-    "cache_latents_without_flags": (CACHE_LATENTS, "python -m ipadapter_jax.tools.cache_latents", 2,
+    "cache_latents_without_flags": (CACHE_LATENTS, "python -m ipadapter_jax.cache", 2,
                                     "--config must have a value"),
-    "tpu_plan_without_config": (TPU_PLAN, "python -m ipadapter_jax.tools.tpu_plan", 2, "--config is required"),
+    "tpu_plan_without_config": (TPU_PLAN, "python -m ipadapter_jax.plan", 2, "--config is required"),
     "tpu_plan_missing_config_file": (TPU_PLAN + ["--config=no_such_config.py"],
-                                     "python -m ipadapter_jax.tools.tpu_plan", 2, "no_such_config.py"),
+                                     "python -m ipadapter_jax.plan", 2, "no_such_config.py"),
     "tpu_plan_unknown_config_key": (TPU_PLAN + [SD15, "--config.model.atention_implementation=xla"],
-                                    "python -m ipadapter_jax.tools.tpu_plan", 2, "Did you mean"),
+                                    "python -m ipadapter_jax.plan", 2, "Did you mean"),
     "tpu_plan_bad_attention": (TPU_PLAN + [SD15, "--config.model.attention_implementation=flash", "--topology=cpu-1"],
-                               "python -m ipadapter_jax.tools.tpu_plan", 2, "is not one of"),
+                               "python -m ipadapter_jax.plan", 2, "is not one of"),
     "cache_latents_unknown_config_key": (CACHE_LATENTS + [TINY, "--out=cache", "--config.data.resolutoin=64"],
-                                         "python -m ipadapter_jax.tools.cache_latents", 2, "Did you mean"),
+                                         "python -m ipadapter_jax.cache", 2, "Did you mean"),
     # A live run's lease (this test process's pid, on this host, a fresh heartbeat): refused before loading.
     "train_workdir_in_use": (TRAIN + ["--workdir", "busy_run"], "train.py", 2, "in use by another run"),
 }
@@ -111,6 +111,22 @@ def test_user_mistake_is_one_line_and_exit_2(case, scratch):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines and lines[-1].startswith(f"{tool}: error:"), proc.stderr[-3000:]
     assert text in lines[-1], lines[-1]
+
+
+# The CLIs' names before they moved, kept for one release: they run the new command and say so.
+OLD_NAMES = {"ipadapter_jax.tools.make_shards": (MAKE_SHARDS, ["--images", "no_photos", "--out", "shards"]),
+             "ipadapter_jax.tools.cache_latents": (CACHE_LATENTS, []),
+             "ipadapter_jax.tools.tpu_plan": (TPU_PLAN, [])}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_NAMES))
+def test_old_cli_names_run_the_new_commands(old, scratch):
+    new, args = OLD_NAMES[old]
+    moved = _run(["-m", old] + args, scratch)
+    current = _run(new + args, scratch)
+    assert moved.returncode == current.returncode == 2, moved.stderr[-3000:]
+    assert moved.stderr.splitlines()[-1] == current.stderr.splitlines()[-1]  # the same one-line error
+    assert f"python -m {old} is now python -m {new[1]}" in moved.stderr
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])

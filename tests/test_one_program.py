@@ -2,7 +2,7 @@
 
 In a subprocess with 8 simulated CPU devices and the shipped tiny config on a ``data x fsdp = 4 x 2`` mesh,
 for XLA attention and for the Pallas kernels in interpret mode: ``train.setup.build_setup`` (what the loop
-runs) and ``tools.tpu_plan.plan(..., topology="cpu-8")`` (what the plan CLI compiles) give identical
+runs) and ``plan.planner.plan(..., topology="cpu-8")`` (what the plan CLI compiles) give identical
 StableHLO text for the lowered step and identical compiled HLO (source locations aside); with Pallas the lowered step runs the kernels
 per device in a ``shard_map`` (as on a TPU slice). Any second construction of the step on either side (its
 own optimizer, shardings, donation, or tracing outside the mesh) changes the text and fails this test.
@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import jax
     from ipadapter_jax.models import pallas_attention
-    from ipadapter_jax.tools.tpu_plan import plan
+    from ipadapter_jax.plan.planner import plan
     from ipadapter_jax.train.config import TrainConfig
     from ipadapter_jax.train.setup import build_setup
 

@@ -1,12 +1,12 @@
-"""tools.plan_breakdown (per-op roofline over compiled HLO) and tools.plan_table (the TPU_PLANS.md table) on
+"""plan.breakdown (per-op roofline over compiled HLO) and plan.table (the TPU_PLANS.md table) on
 hand-written inputs whose answers are worked out by hand below."""
 
 from __future__ import annotations
 
 import pytest
 
-from ipadapter_jax.tools.plan_breakdown import layer_kind, op_costs, report
-from ipadapter_jax.tools.plan_table import command_writing, row, table
+from ipadapter_jax.plan.breakdown import layer_kind, op_costs, report
+from ipadapter_jax.plan.table import command_writing, row, table
 
 PEAK, HBM = 100e12, 1e12
 
@@ -104,9 +104,10 @@ RECORD = {"command": "python -m ipadapter_jax.tools.tpu_plan --config configs/sd
 def test_table_row_and_command():
     assert row(3, RECORD) == ["3", "sd15", "v5e-8", "train", "cached", "64 (8)", "data=8 x fsdp=1", "False",
                               "pallas", "15.0 / 16 GiB", "200 ms", "40.0", "50.0%"]
+    # A plan recorded under the command's old name prints its current one.
     assert command_writing(RECORD, "benchmarks/tpu_plans/a.json") == (
-        "python -m ipadapter_jax.tools.tpu_plan --config configs/sd15.py --topology v5e-8 "
+        "python -m ipadapter_jax.plan --config configs/sd15.py --topology v5e-8 "
         "--json benchmarks/tpu_plans/a.json")
     lines = table([RECORD])
     assert lines[0].startswith("| # | config") and lines[2].startswith("| 1 | sd15")
-    assert lines[-1].startswith("| 1 | `python -m ipadapter_jax.tools.tpu_plan")
+    assert lines[-1].startswith("| 1 | `python -m ipadapter_jax.plan --config")

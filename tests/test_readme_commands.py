@@ -54,9 +54,9 @@ COVERED_BY = {
                           "tests/test_pipeline_parity.py::test_pixels_match_diffusers"],
     "python3 -m ipadapter_jax.evaluate": ["tests/test_evaluate.py::test_cli_end_to_end_on_the_toy_base",
                                           "tests/test_evaluate.py::test_coco_captions_and_folder"],
-    "python3 -m ipadapter_jax.tools.make_shards --images": [
+    "python3 -m ipadapter_jax.data.make_shards --images": [
         "tests/test_make_shards.py::test_sidecar_captions", "tests/test_make_shards.py::test_captions_json_and_csv"],
-    "python3 -m ipadapter_jax.tools.make_shards --tencent-json": [
+    "python3 -m ipadapter_jax.data.make_shards --tencent-json": [
         "tests/test_make_shards.py::test_tencent_json_via_python_dash_m"],
     "python3 train.py --config configs/sd15.py": [
         "tests/test_gcs_workdir.py::test_gs_workdir_survives_kills_sigterm_and_a_damaged_checkpoint",
@@ -67,11 +67,11 @@ COVERED_BY = {
         "tests/test_gcs_workdir.py::test_gs_workdir_survives_kills_sigterm_and_a_damaged_checkpoint",
         "tests/test_train_multidevice.py::test_eight_devices_give_the_same_losses_and_adapter",
         "tests/test_train_config.py::test_shipped_configs_set_and_comment_every_field"],
-    "python3 -m ipadapter_jax.tools.tpu_plan": ["tests/test_tpu_plan.py::test_plan_on_tpu_topology"],
+    "python3 -m ipadapter_jax.plan": ["tests/test_tpu_plan.py::test_plan_on_tpu_topology"],
     # The commands of the plan tables' rows (they made the committed JSONs) and the table generator.
-    "python -m ipadapter_jax.tools.tpu_plan": ["tests/test_tpu_plan.py::test_plan_on_tpu_topology",
+    "python -m ipadapter_jax.plan": ["tests/test_tpu_plan.py::test_plan_on_tpu_topology",
                                                "tests/test_plan_docs.py::test_plan_records_its_command_and_revision"],
-    "python -m ipadapter_jax.tools.plan_table --write": [
+    "python -m ipadapter_jax.plan.table --write": [
         "tests/test_plan_docs.py::test_doc_tables_are_generated_from_the_plans"],
     "python3 -m ipadapter_jax.tools.config_reference > docs/CONFIG_REFERENCE.md": [
         "tests/test_config_reference.py::test_committed_reference_is_what_the_tool_prints"],
@@ -232,7 +232,7 @@ def test_ip_scale_dicts_in_the_snippets_fit_sd15():
 
 
 # Parses commands' arguments with each CLI's own parser, without running them; prints one JSON line per
-# command: {"command": index, "error": "" or what the CLI said}. absl CLIs (train.py, tpu_plan) define their
+# command: {"command": index, "error": "" or what the CLI said}. absl CLIs (train.py, the plan) define their
 # flags on import, so each gets a process of its own; the config file is loaded and its overrides applied by
 # the parse, then validated the way training validates it. argparse CLIs stop right after parse_args and
 # share one process.
@@ -247,12 +247,12 @@ for index, (kind, argv) in enumerate(json.loads(sys.argv[1])):
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            if kind in ("train.py", "ipadapter_jax.tools.tpu_plan"):
+            if kind in ("train.py", "ipadapter_jax.plan"):
                 from absl import flags
                 if kind == "train.py":
                     runpy.run_path("train.py", run_name="readme_check")
                 else:
-                    import ipadapter_jax.tools.tpu_plan
+                    runpy.run_module(kind, run_name="readme_check")
                 flags.FLAGS(sys.argv)
                 from ipadapter_jax.train.config import TrainConfig
                 TrainConfig.from_config_dict(flags.FLAGS.config)
@@ -270,7 +270,7 @@ for index, (kind, argv) in enumerate(json.loads(sys.argv[1])):
         error = f"{type(exc).__name__}: {exc}"
     print(json.dumps({"command": index, "error": error and f"{error}\n{stderr.getvalue()[-2000:]}"}), flush=True)
 """
-ABSL_CLIS = ("train.py", "ipadapter_jax.tools.tpu_plan")
+ABSL_CLIS = ("train.py", "ipadapter_jax.plan")
 
 
 def _own_cli(command: str) -> tuple[str, list[str]] | None:
@@ -312,7 +312,7 @@ OWN_CLI_COMMANDS = sorted({c for c in _block_commands() if _own_cli(c)})
 MISTAKES = ["python3 train.py --config configs/sd15.py --config.optimizer.learnig_rate=1e-4",
             "python3 train.py --config configs/sd15.py --config.batch_size=-8",
             "python3 sample.py --sacle 0.6",
-            "python3 -m ipadapter_jax.tools.make_shards --images photos/"]  # no --out
+            "python3 -m ipadapter_jax.data.make_shards --images photos/"]  # no --out
 
 
 @pytest.fixture(scope="module")

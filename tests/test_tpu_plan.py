@@ -1,4 +1,4 @@
-"""tools.tpu_plan end to end on a tiny model, and its parts (topology names, figure arithmetic).
+"""python -m ipadapter_jax.plan end to end on a tiny model, and its parts (topology names, figure arithmetic).
 
 Which compiler runs is explicit (each test prints ``PLAN PATH: ...``):
   - ``test_plan_cpu_devices_*`` always compile for 8 forced host CPU devices, the path CI without libtpu
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from ipadapter_jax.tools.plan_figures import PlanFigures, corrected_step_seconds
-from ipadapter_jax.tools.tpu_topology import parse_topology
+from ipadapter_jax.plan.figures import PlanFigures, corrected_step_seconds
+from ipadapter_jax.plan.topology import parse_topology
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -74,7 +74,7 @@ def tiny_config(tmp_path_factory) -> Path:
 def _run_plan(config: Path, out: Path, topology: str, *extra: str, expect_ok: bool = True):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "ipadapter_jax.tools.tpu_plan", f"--config={config}", f"--topology={topology}",
+    cmd = [sys.executable, "-m", "ipadapter_jax.plan", f"--config={config}", f"--topology={topology}",
            f"--json={out}", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
     if not expect_ok:
@@ -105,7 +105,7 @@ def test_plan_cpu_devices_train(tiny_config, tmp_path):
     # remat=True in the config: the compiled program recomputes, the model count does not.
     assert record["compiled_flops"] > record["model_flops"]
     assert record["step_seconds"] is None and record["mfu"] is None  # XLA's CPU compiler has no TPU cost model
-    assert "python -m ipadapter_jax.tools.tpu_plan" in record["command"]
+    assert "python -m ipadapter_jax.plan" in record["command"]
 
 
 @pytest.mark.slow
@@ -211,11 +211,11 @@ def test_model_count_never_lowers_pallas(what):
                "image_encoder": TINY_IMAGE}
     devices = jax.devices("cpu")[:1]
     if what == "train":
-        from ipadapter_jax.tools.train_program import train_program
+        from ipadapter_jax.plan.programs import train_program
 
         program = train_program(config, devices, configs, "online")
     else:
-        from ipadapter_jax.tools.sample_program import sample_program
+        from ipadapter_jax.plan.programs import sample_program
 
         program = sample_program(config, devices, configs, 1)
     with program.model_tracing():

@@ -43,8 +43,8 @@ def padded_batch(batch: int, mesh: Mesh, mesh_config: MeshConfig) -> int:
 
 def generate_input_shardings(mesh: Mesh, mesh_config: MeshConfig, noise, context, added, features) -> tuple:
     """The layout of ``generate``'s per-call inputs (arrays or ``ShapeDtypeStruct``): noise split over the batch
-    axes, conditioning replicated. ``place_generate_inputs`` places with it and ``tools.sample_program`` plans
-    with it, so a plan compiles the pipeline's program."""
+    axes, conditioning replicated. ``place_generate_inputs`` places with it and ``plan.programs.sample_program``
+    plans with it, so a plan compiles the pipeline's program."""
     rep = replicated(mesh)
     conditioning = jax.tree.map(lambda _: rep, (context, added, features))
     return (batch_sharding(mesh, mesh_config, len(np.shape(noise))), *conditioning)

@@ -1,5 +1,5 @@
-"""The train step as one program: the single builder that ``train.py`` (through ``setup.build_setup``),
-``tpu_plan`` (``tools.train_program``) and the tests call, so the step a plan compiles for a TPU slice is the
+"""The train step as one program: the single builder that ``train.py`` (through ``setup.build_setup``), the TPU
+plans (``plan.programs.train_program``) and the tests call, so the step a plan compiles for a TPU slice is the
 step the trainer runs on it.
 
 What differs between a run and a plan is only what the builder is given: the trainer passes its mesh over
@@ -33,9 +33,10 @@ def train_mesh(config: TrainConfig, devices: list, process_count: int = 1) -> Me
 
 
 def abstract_tree(tree: Any, shardings: Any = None) -> Any:
-    """``ShapeDtypeStruct`` leaves for arrays (or structs) of ``tree``, with ``shardings`` when given."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """``ShapeDtypeStruct`` leaves for the arrays (or structs) of ``tree``; ``shardings``: none (unsharded), one
+    ``Sharding`` for every leaf, or a tree of them matching ``tree``."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=shardings), tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
 
 

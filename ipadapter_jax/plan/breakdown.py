@@ -1,6 +1,7 @@
-"""Where a compiled plan's time goes: a per-op roofline over the compiled per-chip HLO (``tpu_plan --hlo``).
+"""Where a compiled plan's time goes: a per-op roofline over the compiled per-chip HLO (written by
+``python -m ipadapter_jax.plan --hlo FILE``).
 
-    python -m ipadapter_jax.tools.plan_breakdown plan.hlo --peak 197e12 --hbm 819e9 [--top 25]
+    python -m ipadapter_jax.plan.breakdown plan.hlo --peak 197e12 --hbm 819e9 [--top 25]
 
 XLA's ``cost_analysis`` gives one total; this re-derives it op by op so one can see what dominates. For
 every top-level op of the entry computation (a fusion, a convolution, a custom call, a collective, ...):

@@ -1,8 +1,10 @@
-"""The plan tables of TPU_PLANS.md and README.md from ``tpu_plan --json`` files: one markdown row per plan,
-every figure a compiler estimate, each row followed in a second table by the command that produced it.
+"""The plan tables of TPU_PLANS.md and README.md from ``python -m ipadapter_jax.plan --json`` files: one
+markdown row per plan, every figure a compiler estimate, each row followed in a second table by the command
+that produced it (plans recorded under the command's old name, ``tools.tpu_plan``, show the new one: the same
+program).
 
-    python -m ipadapter_jax.tools.plan_table benchmarks/tpu_plans/*.json     # print a table
-    python -m ipadapter_jax.tools.plan_table --write README.md TPU_PLANS.md  # regenerate the docs' tables
+    python -m ipadapter_jax.plan.table benchmarks/tpu_plans/*.json     # print a table
+    python -m ipadapter_jax.plan.table --write README.md TPU_PLANS.md  # regenerate the docs' tables
 
 In a doc, a table lives between ``<!-- plan table: FILE.json ... -->`` and ``<!-- end plan table -->``; the
 files named in the opening marker are the rows, in order. ``tests/test_plan_docs.py`` fails when a doc's
@@ -16,7 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-from ipadapter_jax.tools.tpu_topology import GIB
+from ipadapter_jax.atomic_files import write_atomic
+from ipadapter_jax.plan.topology import GIB
 
 COLUMNS = ("#", "config", "topology", "what", "latents", "global batch (per chip)", "mesh", "remat", "attention",
            "HBM/chip (est.)", "step time (est.)", "img/s/chip (est.)", "MFU (est.)")
@@ -55,17 +58,26 @@ def row(index: int, record: dict) -> list[str]:
             f"{100 * mfu:.1f}%" if mfu is not None and seconds else "n/a"]
 
 
+OLD_TOOL, TOOL = "python -m ipadapter_jax.tools.tpu_plan ", "python -m ipadapter_jax.plan "
+
+
+def current_command(command: str) -> str:
+    """``command`` under the plan tool's current name (plans recorded under its old one run the same program)."""
+    return TOOL + command[len(OLD_TOOL):] if command.startswith(OLD_TOOL) else command
+
+
 def table(records: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row(i + 1, r)) + " |" for i, r in enumerate(records)]
     lines += ["", "| # | command (after `python3 -m pip install -e '.[tpu]'`, from the repository root) |", "|---|---|"]
-    lines += [f"| {i + 1} | `{r['command']}` |" for i, r in enumerate(records)]
+    lines += [f"| {i + 1} | `{current_command(r['command'])}` |" for i, r in enumerate(records)]
     return lines
 
 
 def command_writing(record: dict, path: str) -> str:
-    """The record's command with its ``--json`` output set to ``path`` and any ``--hlo`` dump left out."""
-    command = re.sub(r"\s--hlo[= ]\S+", "", record["command"])
+    """The record's command (``current_command``) with its ``--json`` output set to ``path`` and any ``--hlo``
+    dump left out."""
+    command = re.sub(r"\s--hlo[= ]\S+", "", current_command(record["command"]))
     command = re.sub(r"\s--json[= ]\S+", "", command)
     return f"{command} --json {path}"
 
@@ -100,7 +112,7 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--write"]:
         for doc in argv[1:]:
             path = Path(doc)
-            path.write_text(regenerate(path.read_text()))
+            write_atomic(path, regenerate(path.read_text()))
             print(f"regenerated the plan tables of {doc}")
         return
     print("\n".join(table(load_records(argv))))

@@ -20,7 +20,7 @@ import dataclasses
 import re
 from typing import Any
 
-from ipadapter_jax.tools.tpu_topology import GIB, Topology
+from ipadapter_jax.plan.topology import GIB, Topology
 
 COST_FREE_CUSTOM_CALLS = ("ConcatBitcast",)
 
