@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.decode_threads = 2  # image-decoding threads per process
     c.data.prefetch_batches = 2  # batches read ahead of the step
     c.data.cache_latents = False  # read VAE moments + text/image encodings from cache_dir (no encoders in the step)
-    c.data.cache_dir = ""  # folder written by python -m ipadapter_jax.tools.cache_latents (any URL shards can use)
+    c.data.cache_dir = ""  # folder written by python -m ipadapter_jax.cache (any URL shards can use)
     c.data.tfds_name = ""  # prepared TFDS dataset (e.g. "coco_captions") to train from, with data.shards=""; "" = shards
     c.data.tfds_split = "train"  # TFDS split (slicing allowed: "train[:90%]"); each process reads an even, disjoint part
     c.data.tfds_data_dir = ""  # TFDS data_dir holding the prepared dataset (gs:// works); "" = TFDS's default
