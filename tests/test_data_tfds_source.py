@@ -120,6 +120,15 @@ def test_unusable_examples_are_skipped_and_counted(data_dir, tokenizer):
     assert batches[-1]["counters"] == counters
 
 
+def test_an_epoch_with_no_usable_example_is_an_error(data_dir, tokenizer):
+    # No record has the caption feature named: a whole epoch gives nothing, and the source says so (as the
+    # webdataset source does) rather than reading on (num_epochs bounds the test should it not).
+    source = make_source(data_dir, tokenizer, batch=2, num_epochs=3, caption_key="no_such_feature")
+    with pytest.raises(RuntimeError, match="gave no usable sample"):
+        next(source)
+    assert source.counters.used == 0 and source.counters.skipped["missing_caption"] > tfds_support.NUM_EXAMPLES
+
+
 def test_mock_data_batches(tmp_path, tokenizer):
     # mock_data fakes the dataset from its features (random PNGs and texts), with no prepared files at all.
     with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):

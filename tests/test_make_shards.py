@@ -110,3 +110,23 @@ def test_nothing_usable_writes_nothing_and_fails(tmp_path, capsys):
     assert main(["--images", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 1
     assert os.listdir(tmp_path / "out") == []
     assert "wrote 0 samples" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_leaves_only_whole_shards(image_folder, tmp_path, monkeypatch):
+    import ipadapter_jax.data.make_shards as make_shards
+
+    root, _ = image_folder
+    decode, calls = make_shards.decode_image, []
+
+    def decode_then_stop(data, **kwargs):  # killed at the second image of the second shard (broken.jpg is 3rd)
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return decode(data, **kwargs)
+
+    monkeypatch.setattr(make_shards, "decode_image", decode_then_stop)
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--images", str(root), "--out", str(out), "--samples-per-shard", "3"])
+    assert sorted(os.listdir(out)) == ["00000.tar"]  # the second shard was being written: no trace of it
+    assert [s["txt"].decode() for s in iter_shard_samples(str(out / "00000.tar"))] == [f"caption {i}" for i in range(3)]

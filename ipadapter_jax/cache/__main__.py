@@ -21,6 +21,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from ipadapter_jax.cache.format import WRITE_COMMAND
+
 config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
 flags.DEFINE_string("out", None, "cache folder (local path or mounted bucket)")
 flags.DEFINE_integer("batch_size", 0, "examples per encoder call on this host; 0: the config's batch_size")
@@ -29,7 +31,6 @@ flags.DEFINE_integer("process_index", -1, "this writer's share (-1: jax.process_
 flags.DEFINE_integer("process_count", -1, "number of writers (-1: jax.process_count())")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (TPU pods, SLURM)")
 flags.mark_flags_as_required(["config", "out"])
-TOOL = "python -m ipadapter_jax.cache"
 
 
 def run(argv) -> None:
@@ -59,4 +60,4 @@ def run(argv) -> None:
 if __name__ == "__main__":
     from ipadapter_jax.cli_errors import run_absl_cli
 
-    run_absl_cli(TOOL, run)  # one-line errors
+    run_absl_cli(WRITE_COMMAND, run)  # one-line errors

@@ -10,6 +10,7 @@ wherever shards can (a local folder, ``gs://``, ...).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -22,6 +23,7 @@ import numpy as np
 
 from ipadapter_jax.cache.format import (FORMAT, MANIFEST_NAME, UNCOND_NAME, WRITE_COMMAND, CacheError, cache_url,
                                         cached_example_shapes)
+from ipadapter_jax.data.counters import SampleCounters
 from ipadapter_jax.data.tar_samples import open_shard
 
 logger = logging.getLogger(__name__)
@@ -94,11 +96,8 @@ def check_manifest(manifest: dict, identity: dict, cache_dir: str) -> None:
 
 
 def _read_bytes(url: str) -> bytes:
-    stream = open_shard(url)
-    try:
+    with contextlib.closing(open_shard(url)) as stream:
         return stream.read()
-    finally:
-        stream.close()
 
 
 def read_manifest(cache_dir: str) -> dict:
@@ -113,17 +112,17 @@ def read_manifest(cache_dir: str) -> dict:
     return manifest
 
 
-def read_counts(cache_dir: str, manifest: dict) -> list[dict]:
-    """Every writer's sample counters; a missing file means that writer has not finished."""
-    out = []
+def read_counts(cache_dir: str, manifest: dict) -> SampleCounters:
+    """Every writer's sample counters, added up; a missing file means that writer has not finished."""
+    total = SampleCounters()
     for name in manifest.get("counts", []):
         url = cache_url(cache_dir, name)
         try:
-            out.append(json.loads(_read_bytes(url)))
+            total.add(SampleCounters.from_dict(json.loads(_read_bytes(url))))
         except Exception as exc:
             raise CacheError(f"the latent cache {cache_dir} is incomplete: {url} is missing or unreadable (a "
                              f"writer process has not finished; re-run it with the same arguments)") from exc
-    return out
+    return total
 
 
 def read_uncond(cache_dir: str) -> dict[str, np.ndarray]:
@@ -171,13 +170,9 @@ def open_latent_cache(config: Any, model_dir: Path, modules: Any,
         raise CacheError(f"{cache_url(cache_dir, UNCOND_NAME)}: wrong or missing arrays {wrong} (found, expected)")
     if not manifest.get("shards"):
         raise CacheError(f"the latent cache {cache_dir} lists no shards")
-    counts = read_counts(cache_dir, manifest)
-    skipped = {}
-    for c in counts:
-        for reason, n in c.get("skipped", {}).items():
-            skipped[reason] = skipped.get(reason, 0) + n
+    total = read_counts(cache_dir, manifest)
     logger.info("latent cache %s: %d shards, %d samples; skipped when written: %s", cache_dir,
-                len(manifest["shards"]), sum(c.get("used", 0) for c in counts), skipped or "none")
+                len(manifest["shards"]), total.used, total.skipped or "none")
     if manifest.get("random_crop") != config.data.random_crop:
         logger.warning("the latent cache was made with random_crop=%s (one crop per image, fixed), the config "
                        "says data.random_crop=%s", manifest.get("random_crop"), config.data.random_crop)

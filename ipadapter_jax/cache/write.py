@@ -172,7 +172,7 @@ def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0,
                                     config.seed)
             summary.shards_written.append(out.name)
             logger.info("%s <- %s: %d samples, skipped %s", out.name, urls[index], counters.used, counters.skipped)
-        _merge(total, counters)
+        total.add(counters)
     summary.counters = total.to_dict()
     _write_json(out_dir / counts_name(process_index, process_count), summary.counters)
     if process_index == 0:
@@ -187,11 +187,3 @@ def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0,
         _write_json(out_dir / MANIFEST_NAME, manifest)
     return summary
 
-
-def _merge(total: SampleCounters, part: SampleCounters) -> None:
-    for reason, n in part.skipped.items():
-        total.skip(reason, n)
-    for kind, n in part.converted.items():
-        total.converted[kind] = total.converted.get(kind, 0) + n
-    total.used += part.used
-    total.shards_finished += part.shards_finished

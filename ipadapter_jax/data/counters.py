@@ -41,9 +41,14 @@ class SampleCounters:
         if kind:
             self.converted[kind] = self.converted.get(kind, 0) + 1
 
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
+    def add(self, other: "SampleCounters") -> None:
+        """Count ``other``'s samples and shards in too (several shards or writers into one total)."""
+        for reason, n in other.skipped.items():
+            self.skip(reason, n)
+        for kind, n in other.converted.items():
+            self.converted[kind] = self.converted.get(kind, 0) + n
+        self.used += other.used
+        self.shards_finished += other.shards_finished
 
     def to_dict(self) -> dict:
         return {

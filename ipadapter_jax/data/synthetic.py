@@ -14,6 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from ipadapter_jax.atomic_files import atomic_path
+from ipadapter_jax.data.tar_samples import add_member
+
 _TOKEN_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
 _TOKEN_MERGES = ("a t</w>", "c at</w>", "d o", "do g</w>", "t h", "th e</w>", "r e", "re d</w>")
 
@@ -43,13 +46,10 @@ def encode_image(image: Image.Image, fmt: str = "JPEG", **save_kwargs) -> bytes:
 
 
 def write_tar(path: str | os.PathLike, members: Sequence[tuple[str, bytes]]) -> None:
-    """A plain tar with the given (name, bytes) members, in order."""
-    with tarfile.open(path, "w") as tar:
+    """A plain tar with the given (name, bytes) members, in order, published whole (``atomic_files``)."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mtime = 0
-            tar.addfile(info, io.BytesIO(data))
+            add_member(tar, name, data)
 
 
 def write_image_shard(

@@ -20,7 +20,7 @@ import re
 import subprocess
 import tarfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ipadapter_jax.data.shards import url_scheme
@@ -181,40 +181,44 @@ def sample_image_bytes(sample: dict[str, Any]) -> bytes | None:
     return None
 
 
-def sample_caption(sample: dict[str, Any], json_field: str | None = None) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, skip reason).
+def caption_text(value: Any) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, skip reason) for a caption as stored: text, or UTF-8 bytes (a byte-order mark,
+    which Windows tools write, is not part of the caption). Empty or whitespace-only captions count as missing."""
+    if value is None:
+        return None, "missing_caption"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return None, "bad_caption"
+    if not isinstance(value, str):
+        return None, "bad_caption"
+    value = value.strip()
+    return (value, None) if value else (None, "missing_caption")
 
-    json_field=None: the caption is the ``txt`` member. Otherwise it is ``json[json_field]``
-    (``json_field`` may be dotted, ``"meta.caption"``, for nested dicts).
-    Empty or whitespace-only captions count as missing.
-    """
+
+def nested_field(value: Any, path: Sequence[str]) -> Any:
+    """``value[path[0]][path[1]]...``, or None where a level is missing or not a dict."""
+    for part in path:
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def sample_caption(sample: dict[str, Any], json_field: str | None = None) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, skip reason): the ``txt`` member, or with ``json_field`` that field of the
+    ``json`` member (dotted for nested dicts: ``"meta.caption"``); see ``caption_text``."""
+    if json_field is None:
+        return caption_text(sample.get("txt"))
+    raw = sample.get("json")
+    if raw is None:
+        return None, "missing_caption"
     try:
-        if json_field is None:
-            raw = sample.get("txt")
-            if raw is None:
-                return None, "missing_caption"
-            # utf-8-sig: a byte-order mark (Windows tools write one) is not part of the caption.
-            caption = raw.decode("utf-8-sig")
-        else:
-            raw = sample.get("json")
-            if raw is None:
-                return None, "missing_caption"
-            value: Any = json.loads(raw.decode("utf-8-sig"))
-            for part in json_field.split("."):
-                if not isinstance(value, dict) or part not in value:
-                    return None, "missing_caption"
-                value = value[part]
-            if value is None:
-                return None, "missing_caption"
-            if not isinstance(value, str):
-                return None, "bad_caption"
-            caption = value
+        value = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None, "bad_caption"
-    caption = caption.strip()
-    if not caption:
-        return None, "missing_caption"
-    return caption, None
+    return caption_text(nested_field(value, json_field.split(".")))
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

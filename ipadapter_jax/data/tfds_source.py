@@ -23,6 +23,7 @@ import numpy as np
 
 from ipadapter_jax.data.examples import BatchCollator, Example, ExampleProcessor
 from ipadapter_jax.data.source import BatchSource, Record, process_share, record_rng
+from ipadapter_jax.data.tar_samples import caption_text, nested_field
 
 STATE_FORMAT = "ipadapter_jax.tfds_source/1"
 
@@ -57,15 +58,6 @@ def import_tfds(tf_threads: int = 1):
     return tfds
 
 
-def _lookup(element: dict, path: str) -> Any:
-    value: Any = element
-    for part in path.split("/"):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
 def element_image_and_caption(
     element: dict, image_key: str, caption_key: str
 ) -> tuple[bytes | None, str | None, str | None]:
@@ -74,30 +66,18 @@ def element_image_and_caption(
     Keys may be nested with "/" (``"captions/text"``). A caption feature holding several captions
     (a sequence) gives its first one, so the choice is deterministic.
     """
-    image = _lookup(element, image_key)
+    image = nested_field(element, image_key.split("/"))
     if image is None:
         return None, None, "missing_image"
     image_bytes = bytes(image.item() if isinstance(image, np.ndarray) and image.ndim == 0 else image)
-    caption = _lookup(element, caption_key)
+    caption = nested_field(element, caption_key.split("/"))
     if isinstance(caption, np.ndarray) and caption.ndim > 0:
         caption = caption.reshape(-1)[0] if caption.size else None
     elif isinstance(caption, (list, tuple)):
         caption = caption[0] if caption else None
     if isinstance(caption, np.ndarray):
         caption = caption.item()
-    if caption is None:
-        return image_bytes, None, "missing_caption"
-    if isinstance(caption, bytes):
-        try:
-            caption = caption.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            return image_bytes, None, "bad_caption"
-    if not isinstance(caption, str):
-        return image_bytes, None, "bad_caption"
-    caption = caption.strip()
-    if not caption:
-        return image_bytes, None, "missing_caption"
-    return image_bytes, caption, None
+    return (image_bytes, *caption_text(caption))
 
 
 class TfdsReader:

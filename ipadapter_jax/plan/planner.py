@@ -1,12 +1,9 @@
-"""Compiling a config's training step (or sampler) for a TPU slice on a machine without a TPU: ``plan(...)``
-returns what the compiler expects (per-chip HBM use against capacity, FLOPs, step time, images/s per chip and
-MFU); ``python -m ipadapter_jax.plan`` is its command line.
+"""``plan(config, topology)``: compile a config's training step (or sampler) for a TPU slice on a machine without
+a TPU and read what the compiler expects (``figures``); ``python -m ipadapter_jax.plan`` is its command line.
 
-Weights are never read: the models are built from their configs (the config's ``model_dir`` when its
-``*/config.json`` exist, else the published configs in ``ipadapter_jax/reference_configs``) with abstract
-``ShapeDtypeStruct`` weights. ``--topology cpu-N`` compiles the same program for N local CPU devices instead
+Weights are never read: the models are built from their configs (``reference_models``) with abstract
+``ShapeDtypeStruct`` weights. Topology ``cpu-N`` compiles the same program for N local CPU devices instead
 (with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``): memory and FLOPs only, no TPU timings.
-All figures are compiler estimates (see ``figures``).
 """
 
 from __future__ import annotations

@@ -134,10 +134,6 @@ def train_program(config: Any, devices: list, configs: dict, latents: str = "onl
     )
 
 
-def _decode(vae_module, vae_params, latents):
-    return decode_latents(vae_module, vae_params, latents)
-
-
 def _guided_unet_step(unet, unet_config, unet_params, adapter_layers, scales, latents, t, context, added, tokens,
                       guidance_scale):
     """One iteration of ``generate``'s loop body: the UNet on both halves and the guidance combination."""
@@ -202,7 +198,7 @@ def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Pro
     guidance = jax.ShapeDtypeStruct((), f32, sharding=rep)
 
     def run_generate(unet, vae, weights, sampler, noise, context, added, features, scales, guidance):
-        decode = functools.partial(_decode, vae)
+        decode = functools.partial(decode_latents, vae)
         return generate(unet, cfg, (projection,), True, decode, weights["unet"], weights["vae"], [weights["adapter"]],
                         scales, sampler, noise, context, added, features, guidance)
 

@@ -75,12 +75,6 @@ class Topology:
                 "chips_per_host_bounds": host, "num_slices": 1, "wrap": wrap}
 
 
-def supported_names() -> list[str]:
-    names = [f"v4-{2 * n}" for n in _GRID_3D] + [f"v5p-{2 * n}" for n in _GRID_3D]
-    names += [f"v5e-{n}" for n in _GRID_2D] + [f"v6e-{n}" for n in _GRID_2D]
-    return names
-
-
 def parse_topology(name: str) -> Topology:
     """``"v5e-8"`` -> ``Topology``; raises ``ValueError`` listing the known shapes for anything else."""
     match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())

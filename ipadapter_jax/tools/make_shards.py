@@ -1,6 +1,4 @@
-"""``python -m ipadapter_jax.tools.make_shards``: the old name of ``python -m ipadapter_jax.data.make_shards``,
-kept for one release."""
-
+"""The old name of ``python -m ipadapter_jax.data.make_shards``, kept for one release."""
 if __name__ == "__main__":
     from ipadapter_jax.cli_errors import run_renamed
 

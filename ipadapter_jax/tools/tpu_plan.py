@@ -1,7 +1,5 @@
-"""``python -m ipadapter_jax.tools.tpu_plan``: the old name of ``python -m ipadapter_jax.plan``, kept for one
-release (``plan`` is ``ipadapter_jax.plan.planner.plan``)."""
-
-from ipadapter_jax.plan.planner import plan  # noqa: F401  (the old import path)
+"""The old name of ``python -m ipadapter_jax.plan`` (and of ``plan.planner.plan``), kept for one release."""
+from ipadapter_jax.plan.planner import plan  # noqa: F401
 
 if __name__ == "__main__":
     from ipadapter_jax.cli_errors import run_renamed
