@@ -59,7 +59,8 @@ COVERED_BY = {
     "python3 -m ipadapter_jax.data.make_shards --tencent-json": [
         "tests/test_make_shards.py::test_tencent_json_via_python_dash_m"],
     "python -m ipadapter_jax.data.make_shards": ["tests/test_make_shards.py::test_tencent_json_via_python_dash_m"],
-    "python -m ipadapter_jax.cache": ["tests/test_cache_train.py::test_cached_training_checkpoints_and_resumes_exactly"],
+    "python -m ipadapter_jax.cache": [
+        "tests/test_cache_train.py::test_cached_training_checkpoints_and_resumes_exactly"],
     "python3 train.py --config configs/sd15.py": [
         "tests/test_gcs_workdir.py::test_gs_workdir_survives_kills_sigterm_and_a_damaged_checkpoint",
         "tests/test_train_e2e.py::test_run_writes_metrics_checkpoints_exports_and_resumes",
