@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from ipadapter_jax.cache.format import FLOAT_KEYS, SDXL_KEYS, cached_example_shapes, image_feature_shape
-from ipadapter_jax.models.vae import VAEConfig
 
 
 def cached_batch_keys(modules: Any) -> tuple[str, ...]:
@@ -43,17 +42,6 @@ def cached_frozen(frozen: dict, image_uncond: Any, keep_encoders: bool = False) 
 
 def abstract_image_uncond(modules: Any, uses_hidden_states: bool) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(image_feature_shape(modules, uses_hidden_states), jnp.float32)
-
-
-def latents_from_moments(mean: jax.Array, logvar: jax.Array, rng: jax.Array | None,
-                         config: VAEConfig) -> jax.Array:
-    """Scaled latents from the posterior's moments: a sample when ``rng`` is given, else the mean; the same
-    arithmetic as ``vae.encode_to_latents`` so one key gives the same latents on both paths."""
-    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-    z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-    if config.shift_factor is not None:
-        z = z - config.shift_factor
-    return z * config.scaling_factor
 
 
 def cached_image_features(features: jax.Array, drop_image: jax.Array, frozen: dict) -> jax.Array:

@@ -304,13 +304,18 @@ def encode_to_latents(
     float32 ``[B, H/f, W/f, latent_channels]``; ``z`` is a posterior sample when ``rng`` is given (diffusers'
     ``latent_dist.sample()``), else its mean (``latent_dist.mode()``). ``config`` defaults to
     ``module.config``."""
-    cfg = _config_of(module, config)
     mean, logvar = module.apply({"params": params}, images, method=AutoencoderKL.encode)
+    return latents_from_moments(mean, logvar, rng, _config_of(module, config))
+
+
+def latents_from_moments(mean: jax.Array, logvar: jax.Array, rng: jax.Array | None, config: VAEConfig) -> jax.Array:
+    """``encode_to_latents`` from the posterior's moments (as a latent cache stores them), so one key gives the
+    same latents from images and from cached moments."""
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
     z = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-    if cfg.shift_factor is not None:
-        z = z - cfg.shift_factor
-    return z * cfg.scaling_factor
+    if config.shift_factor is not None:
+        z = z - config.shift_factor
+    return z * config.scaling_factor
 
 
 def decode_latents(

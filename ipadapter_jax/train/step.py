@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from ipadapter_jax.cache.batch import (abstract_cached_batch, cached_batch_keys, cached_image_features,
-                                       latents_from_moments)
+from ipadapter_jax.cache.batch import abstract_cached_batch, cached_batch_keys, cached_image_features
 from ipadapter_jax.diffusion.noise_schedule import add_noise, snr, training_target
 from ipadapter_jax.models.adapter import adapter_variables
 from ipadapter_jax.models.image_projection import ProjectionConfig, projection_module
+from ipadapter_jax.models.vae import latents_from_moments
 from ipadapter_jax.train.frozen import (FrozenModules, encode_image_prompt, encode_latents, encode_text,
                                         sdxl_time_ids)
 from ipadapter_jax.train.state import TrainState
