@@ -172,16 +172,19 @@ def _lora_from_state(by_index: Mapping[int, Mapping[str, np.ndarray]], num_atten
                      ip_state: Mapping[str, np.ndarray], where: str) -> list[dict[str, dict[str, np.ndarray]]]:
     """A LoRA is all or nothing: down and up of the four projections of every attention ``0 .. 2n-1``. A
     partial one is refused as leftover keys (applying part of a LoRA would be a silent wrong result)."""
-    lora_keys = sorted(k for k in ip_state if _LORA_KEY.match(k))
-    wanted = {f"{_LORA_FILE_NAMES[p]}.{d}" for p in LORA_PROJECTIONS for d in ("down", "up")}
-    problems = [f"attention {k} is not one of the UNet's 0..{num_attentions - 1}"
-                for k in sorted(set(by_index) - set(range(num_attentions)))]
-    problems += [f"attention {k} has no LoRA" for k in range(num_attentions) if k not in by_index]
-    problems += [f"attention {k} lacks {sorted(f'{n}_lora' for n in wanted - set(by_index[k]))}"
-                 for k in range(num_attentions) if k in by_index and wanted - set(by_index[k])]
-    if problems:
-        raise WeightFileError(f"{where}: unexpected ip_adapter keys: an incomplete LoRA ({'; '.join(problems[:4])}"
-                              f"{'; ...' if len(problems) > 4 else ''}): {lora_keys[:10]}")
+    wanted = [f"{_LORA_FILE_NAMES[p]}.{d}" for p in LORA_PROJECTIONS for d in ("down", "up")]
+    file_key = lambda k, n: f"{k}.{n.replace('.', '_lora.')}.weight"  # noqa: E731  ("to_q.down" -> ...)
+    beyond = sorted(file_key(k, n) for k in by_index if k >= num_attentions for n in by_index[k])
+    missing = [file_key(k, n) for k in range(num_attentions) for n in wanted if n not in by_index.get(k, {})]
+    if beyond or missing:
+        problems = []
+        if beyond:
+            problems.append(f"keys for attentions the UNet does not have: {beyond[:10]}")
+        if missing:
+            problems.append(f"missing {missing[:10]}" + (f" ({len(missing)} in all)" if len(missing) > 10 else ""))
+        raise WeightFileError(f"{where}: unexpected ip_adapter keys: an incomplete LoRA (one needs "
+                              f"to_{{q,k,v,out}}_lora down and up for attentions 0..{num_attentions - 1}): "
+                              + "; ".join(problems))
     lora = []
     for k in range(num_attentions):
         entry = {}
