@@ -304,3 +304,18 @@ def test_pipeline_refuses_faceid_until_it_takes_face_embeddings(tmp_path):
     # The adapters are checked before anything else of the base model is touched: only its UNet config is read.
     with pytest.raises(ValueError, match="a faceid .FaceID. IP-Adapter takes face embeddings"):
         IPAdapterPipeline(types.SimpleNamespace(unet_config=config), [adapter])
+
+
+def test_lora_that_does_not_fit_the_unet_is_refused(setups, tmp_path):
+    setup = setups("sd15")
+    _write(random_faceid_state(setup.attentions, 32, "faceid", seed=3, id_dim=ID_DIM), tmp_path / "a.safetensors")
+    adapter = load_ip_adapter(tmp_path / "a.safetensors")
+    check_adapter_fits(setup.config, adapter)
+    adapter.params["lora"][3]["to_k"]["down"] = np.zeros((64, 4), np.float32)  # attn2 keys read the 32-wide text
+    with pytest.raises(ValueError, match=r"LoRA down_blocks\.0\.attentions\.1\.transformer_blocks\.0\.attn2\.to_k: "
+                                         r"down \(64, 4\), up \(4, 32\); the UNet needs down \[32, rank\]"):
+        check_adapter_fits(setup.config, adapter)
+    adapter.params["lora"] = adapter.params["lora"][:-2]
+    with pytest.raises(ValueError, match="LoRA covers 10 attentions but the UNet has 12"):
+        check_adapter_fits(setup.config, adapter)
+
