@@ -18,6 +18,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft  # noqa: F401  (the test extra's; without it diffusers drops a FaceID file's LoRA with a warning)
 import pytest
 import torch
 from safetensors.numpy import load_file
