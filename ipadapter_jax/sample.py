@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++2m"], default=None,
-                   help="sampler (default: the model's scheduler config)")
+    p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++2m", "pndm"], default=None,
+                   help="sampler (default: the one the model's scheduler config names; SD1.5's is pndm)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default="samples", help="output folder")
     return p
@@ -137,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     pipe = IPAdapterPipeline.from_pretrained(args.model, ip_adapter=args.ip_adapter or None,
                                              image_encoder=args.image_encoder, dtype=args.dtype)
     reference = None if not images_in else (images_in if len(images_in) > 1 else images_in[0])
+    from ipadapter_jax.diffusion.samplers import describe_sampler
+
+    print(describe_sampler(args.scheduler, pipe.base.scheduler_config, args.steps), flush=True)
     print(f"loaded in {time.time() - started:.1f}s; compiling and sampling {args.num_images} image(s), "
           f"{args.steps} steps (the first run compiles; later runs reuse the compilation cache) ...", flush=True)
     started = time.time()

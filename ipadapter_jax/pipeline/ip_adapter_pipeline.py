@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.diffusion.samplers import from_diffusers_config, make_sampler
+from ipadapter_jax.diffusion.samplers import describe_sampler, from_diffusers_config, make_sampler
 from ipadapter_jax.models.adapter import IPAdapter, check_adapter_fits
 from ipadapter_jax.models.ip_scales import resolve_ip_scales
 from ipadapter_jax.models.vae import decode_latents
@@ -29,6 +30,7 @@ from ipadapter_jax.weights.remote_files import is_url, local_file, local_folder
 from ipadapter_jax.weights.safetensors_io import WeightFileError
 
 PathLike = str | os.PathLike
+logger = logging.getLogger(__name__)
 
 
 def _find_image_encoder(sd_dir: Path, adapter_paths: Sequence[Path], adapter_urls: Sequence[str] = ()) -> Path | None:
@@ -126,7 +128,9 @@ class IPAdapterPipeline:
           or a list with one per adapter; it conditions the whole batch. None: text only.
         ip_scale: a number, a per-block dict (see ``models/ip_scales.py``), or a list with one per adapter.
         latents: optional starting noise in diffusers' layout ``(batch * N, 4, height/8, width/8)``.
-        scheduler: "ddim", "euler", "dpm++2m", or None for the checkpoint's own scheduler config.
+        scheduler: "ddim", "euler", "dpm++2m", "pndm", or None for the checkpoint's own scheduler config
+          (SD1.5's is PNDM; a DDPM config samples with DDIM). Each call logs which one ran (INFO, this
+          module's logger; ``describe_sampler``).
         """
         args, batch = self.generate_args(prompt, ip_adapter_image, ip_scale, negative_prompt, num_inference_steps,
                                          guidance_scale, height, width, latents, seed, scheduler,
@@ -157,6 +161,7 @@ class IPAdapterPipeline:
         guided = guidance_scale > 1.0
         sampler = (from_diffusers_config(self.base.scheduler_config, num_inference_steps) if scheduler is None
                    else make_sampler(scheduler, self.base.scheduler_config, num_inference_steps))
+        logger.info(describe_sampler(scheduler, self.base.scheduler_config, num_inference_steps))
 
         shape = (len(prompts), height // factor, width // factor, self.base.unet_config.in_channels)
         if latents is None:
