@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="diffusers-format SD / SDXL folder (default: the built-in toy model)")
     p.add_argument("--ip-adapter", nargs="*", default=None, help="IP-Adapter file(s), published layout")
-    p.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder (default: beside the adapter "
-                                           "or MODEL/image_encoder)")
+    p.add_argument("--image-encoder", nargs="+", default=None,
+                   help="CLIPVisionModelWithProjection folder, or one per adapter (default: for each adapter, the "
+                        "first whose width fits of MODEL/image_encoder, beside the adapter, h94's models/image_encoder)")
     p.add_argument("--image", nargs="*", default=None, help="reference image(s), one per adapter")
     p.add_argument("--prompt", default="", help="text prompt ('' for image-only prompting)")
     p.add_argument("--negative-prompt", default=None)
@@ -95,8 +96,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for path in args.ip_adapter or []:
         if not is_url(path) and not Path(path).is_file():
             raise UserError(f"--ip-adapter {path}: no such file")
-    if args.image_encoder is not None and not Path(args.image_encoder).is_dir():
-        raise UserError(f"--image-encoder {args.image_encoder}: no such folder")
+    for path in args.image_encoder or []:
+        if not Path(path).is_dir():
+            raise UserError(f"--image-encoder {path}: no such folder")
     check_adapters_fit_base(Path(args.model), args.ip_adapter or [])
 
 
