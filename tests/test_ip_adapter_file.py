@@ -105,8 +105,10 @@ def _shipped_export_dtype(arch: str) -> str:
     return {"sd15": sd15, "sdxl": sdxl}[arch].get_config().checkpoint.export_dtype
 
 
-# sd15: save_ip_adapter in float32, and the trainer's export in the shipped config's dtype; sdxl: the export.
+# sd15: save_ip_adapter in float32, and the trainer's export in the shipped config's dtype, plain and Plus;
+# sdxl: the export of a plain adapter (its layer numbering is what differs; the writer is the same).
 WRITES = {"sd15": ("save_ip_adapter", "export"), "sdxl": ("export",)}
+VARIANTS = {"sd15": ("plain", "plus"), "sdxl": ("plain",)}
 
 
 @pytest.mark.parametrize("arch", sorted(WRITES))
@@ -120,9 +122,11 @@ def test_what_we_save_loads_in_diffusers_with_the_same_outputs(tiny_unet_dirs, t
 
     setup = Setup(arch, tiny_unet_dirs[arch])
     cross = setup.cross
-    for variant, projection in (("plain", ProjectionConfig("plain", embed_dim=16, cross_attention_dim=cross)),
-                                ("plus", ProjectionConfig("plus", embed_dim=16, cross_attention_dim=cross, num_tokens=8,
-                                                          hidden_dim=128, heads=2, dim_head=64))):
+    projections = {"plain": ProjectionConfig("plain", embed_dim=16, cross_attention_dim=cross),
+                   "plus": ProjectionConfig("plus", embed_dim=16, cross_attention_dim=cross, num_tokens=8,
+                                            hidden_dim=128, heads=2, dim_head=64)}
+    for variant in VARIANTS[arch]:
+        projection = projections[variant]
         adapter = new_ip_adapter(setup.config, setup.params, projection, jax.random.key(0))
         # The paper's init copies to_k/to_v; perturb so the image branch differs from the text branch.
         leaves, tree = jax.tree.flatten(adapter.params)
