@@ -33,6 +33,15 @@ PathLike = str | os.PathLike
 logger = logging.getLogger(__name__)
 
 
+def _refuse_face_adapters(adapters: Sequence[IPAdapter]) -> None:
+    for adapter in adapters:
+        if adapter.projection.uses_face_embeds:
+            # The weights load and run at the UNet (models/, tests/test_faceid_parity.py); taking face
+            # embeddings through the pipeline's conditioning is not built yet.
+            raise ValueError(f"a {adapter.variant} (FaceID) IP-Adapter takes face embeddings, which "
+                             "IPAdapterPipeline does not accept yet")
+
+
 class IPAdapterPipeline:
     """Stable Diffusion (1.x/2.x or XL) with zero or more IP-Adapters.
 
@@ -51,6 +60,7 @@ class IPAdapterPipeline:
                  devices: Sequence[jax.Device] | None = None, fsdp: int = 1, attention_implementation: str = "auto"):
         for adapter in adapters:
             check_adapter_fits(base.unet_config, adapter)
+        _refuse_face_adapters(adapters)
         encoders = list(image_encoder) if isinstance(image_encoder, (list, tuple)) else [image_encoder] * len(adapters)
         if adapters and (len(encoders) != len(adapters) or any(e is None for e in encoders)):
             raise ValueError(f"{len(adapters)} IP-Adapters need an image encoder (image_encoder=DIR), or one per "
@@ -94,6 +104,7 @@ class IPAdapterPipeline:
             [ip_adapter] if isinstance(ip_adapter, (str, os.PathLike)) else ip_adapter)
         paths = [local_file(p) for p in specs]
         adapters = [load_ip_adapter(p) for p in paths]
+        _refuse_face_adapters(adapters)
         # Which encoder each adapter gets is settled from config files before any weights load.
         folders = image_encoder_dirs(image_encoder, sd_dir, specs, paths, adapters)
         base = load_base_model(sd_dir, dtype)
