@@ -195,7 +195,6 @@ def test_model_count_never_lowers_pallas(what):
     import jax
     import ml_collections
 
-    from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas")
     from ipadapter_jax.train.config import TrainConfig
 
     namespace: dict = {}

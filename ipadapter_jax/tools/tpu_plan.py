@@ -73,7 +73,6 @@ def plan(config: Any, topology_name: str, what: str = "train", latents: str = "o
          ) -> tuple[Any, Any]:
     """Compile and measure. ``config``: a ConfigDict / dict / ``TrainConfig``. Returns ``(PlanFigures,
     Program)``; ``log`` gets progress lines; ``hlo_path``: where to write the compiled HLO text."""
-    from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas")
     from ipadapter_jax.tools.plan_figures import add_repeats, figures_from_compiled
     from ipadapter_jax.tools.reference_models import guess_base, model_configs
     from ipadapter_jax.train.config import TrainConfig

@@ -13,12 +13,12 @@ import difflib
 import typing
 from typing import Any, Mapping
 
+from ipadapter_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 ADAPTER_VARIANTS = ("plain", "plus")
 SAMPLERS = ("ddim", "euler", "dpm++2m")
-# "auto": Pallas flash attention on TPU devices, XLA elsewhere (models.attention.resolve_attention_implementation).
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
