@@ -51,6 +51,7 @@ def get_config():
     c.model = ml_collections.ConfigDict(dict(model_dir={model_dir!r}, image_encoder_dir={image_dir!r},
                                              compute_dtype="float32", attention_implementation="xla", remat=True))
     c.data = ml_collections.ConfigDict(dict(resolution=32))
+    c.optimizer = ml_collections.ConfigDict(dict(warmup_steps=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=2, fsdp_min_size=256))
     c.validation = ml_collections.ConfigDict(dict(num_inference_steps=3))
     return c
