@@ -22,26 +22,18 @@ from pathlib import Path
 
 import pytest
 
+from ipadapter_jax.testing import tiny_models
 from ipadapter_jax.tools.plan_figures import PlanFigures, corrected_step_seconds
 from ipadapter_jax.tools.tpu_topology import parse_topology
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
-TINY_UNET = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64],
-             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
-             "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 8, "sample_size": 8}
-TINY_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
-            "latent_channels": 4, "norm_num_groups": 8, "sample_size": 64}
-TINY_TEXT = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 64,
-             "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-             "max_position_embeddings": 77, "projection_dim": 32, "eos_token_id": 1}
-TINY_IMAGE = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
-              "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-              "image_size": 32, "patch_size": 8, "projection_dim": 16}
-SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-             "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False}
+TINY_UNET = {"_class_name": "UNet2DConditionModel", **tiny_models.TINY_UNET["sd15"]}
+TINY_VAE = {"_class_name": "AutoencoderKL", **tiny_models.TINY_VAE}
+TINY_TEXT = tiny_models.text_encoder_configs(tiny_models.TINY_UNET["sd15"])[0]
+TINY_IMAGE = tiny_models.IMAGE_ENCODER
+SCHEDULER = tiny_models.SCHEDULER
 TINY_CONFIG = """
 import ml_collections
 def get_config():
