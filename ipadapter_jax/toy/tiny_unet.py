@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ipadapter_jax.conditioning import encode_text
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule, add_noise, snr, training_target
 from ipadapter_jax.models.unet import UNet2DConditionModel
@@ -80,11 +81,9 @@ class TinyUnet:
 
 
 def encode_captions(text_module, text_params, tokenizer: CaptionTokenizer, captions) -> np.ndarray:
-    """``[len(captions), 77, hidden]``: the text encoder's last hidden state, as SD conditions on it."""
-    ids = jnp.asarray(tokenizer(list(captions)))
-    out = jax.jit(lambda p, i: text_module.apply({"params": p}, i, output_hidden_states=False).last_hidden_state)(
-        text_params, ids)
-    return np.asarray(out, np.float32)
+    """``[len(captions), 77, hidden]``: the SD conditioning of ``captions`` (``conditioning.encode_text``)."""
+    encode = jax.jit(lambda p, ids: encode_text((text_module,), {"text_encoder": p}, [ids]).context)
+    return np.asarray(encode(text_params, jnp.asarray(tokenizer(list(captions)))), np.float32)
 
 
 def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTokenizer,
