@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig, clip_preprocess
+from ipadapter_jax.weights.safetensors_io import read_json
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -30,7 +31,7 @@ def clip_processing_config(image_encoder_dir: str | Path, image_size: int,
     folders = ([Path(base_dir) / "feature_extractor"] if base_dir is not None else []) + [Path(image_encoder_dir)]
     for folder in folders:
         if (folder / PREPROCESSOR_CONFIG).is_file():
-            return ClipImageProcessingConfig.from_json(folder / PREPROCESSOR_CONFIG)
+            return ClipImageProcessingConfig.from_dict(read_json(folder / PREPROCESSOR_CONFIG))
     return ClipImageProcessingConfig(shortest_edge=image_size, crop_height=image_size, crop_width=image_size)
 
 
