@@ -46,6 +46,9 @@ COVERED_BY = {
     "python3 benchmarks/train_bench.py": ["tests/test_benchmarks_smoke.py::test_train_bench_prints_the_ratio"],
     'python3 -m pip install -e ".[test]"': [".ci/run: " + TEST_COMMAND],  # the install half of it
     'python3 -m pip install -e ".[tpu]"': ["tests/test_readme_commands.py::test_extras_the_readme_installs_exist"],
+    'python3 -m pip install -e ".[face]"': ["tests/test_readme_commands.py::test_extras_the_readme_installs_exist"],
+    "python3 -m ipadapter_jax.tools.face_embeds": ["tests/test_face_embeds_cli.py::test_largest_face_per_image_and_crops",
+                                                   "tests/test_face_embeds_cli.py::test_missing_model_folder_is_one_line"],
     "jupyter execute notebooks/quickstart.ipynb": ["tests/test_notebook.py::test_quickstart_runs_top_to_bottom"],
     "jupyter execute --inplace notebooks/quickstart.ipynb": [
         "tests/test_notebook.py::test_quickstart_runs_top_to_bottom",

@@ -39,11 +39,17 @@ _REQUIRED_DEFAULTS = {
 }
 
 
-class CrossAttentionLayer(NamedTuple):
-    """One cross-attention of the UNet (an ``attn2``), the unit an IP-Adapter attaches its k/v weights to."""
+class AttentionLayer(NamedTuple):
+    """One attention module of the UNet: a cross-attention (``attn2``), the unit an IP-Adapter attaches its
+    k/v weights to, or its transformer block's self-attention (``attn1``, where FaceID LoRAs also sit)."""
 
     name: str  # diffusers' module name: "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
     width: int  # its inner width (to_k / to_v output features)
+
+    @property
+    def self_attention(self) -> "AttentionLayer":
+        """The same transformer block's ``attn1``."""
+        return AttentionLayer(self.name.rsplit(".", 1)[0] + ".attn1", self.width)
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -199,7 +205,7 @@ class UNetConfig:
         size/crop time ids, ``addition_embed_type="text_time"``), so the base has SDXL's two text encoders."""
         return self.addition_embed_type == "text_time"
 
-    def cross_attention_layers(self) -> list[CrossAttentionLayer]:
+    def cross_attention_layers(self) -> list[AttentionLayer]:
         """Every cross-attention (``(diffusers module name, inner width)``, with its Flax path), in the order
         diffusers' ``attn_processors`` enumerates them (down blocks, up blocks, then the mid block): the order
         the IP-Adapter file format numbers its ``to_k_ip``/``to_v_ip`` keys (``2*i+1``)."""
@@ -208,7 +214,7 @@ class UNetConfig:
             if kind == CROSS_ATTN_DOWN:
                 for j in range(self.layers_per_block[i]):
                     for t in range(self.transformer_layers_per_block[i]):
-                        layers.append(CrossAttentionLayer(
+                        layers.append(AttentionLayer(
                             f"down_blocks.{i}.attentions.{j}.transformer_blocks.{t}.attn2", self.block_out_channels[i]))
         reversed_channels = tuple(reversed(self.block_out_channels))
         reversed_layers = tuple(reversed(self.layers_per_block))
@@ -216,10 +222,10 @@ class UNetConfig:
             if kind == CROSS_ATTN_UP:
                 for j in range(reversed_layers[i] + 1):
                     for t in range(self.up_transformer_layers[i]):
-                        layers.append(CrossAttentionLayer(
+                        layers.append(AttentionLayer(
                             f"up_blocks.{i}.attentions.{j}.transformer_blocks.{t}.attn2", reversed_channels[i]))
         if self.mid_block_type == CROSS_ATTN_MID:
             for t in range(self.transformer_layers_per_block[-1]):
-                layers.append(CrossAttentionLayer(f"mid_block.attentions.0.transformer_blocks.{t}.attn2",
+                layers.append(AttentionLayer(f"mid_block.attentions.0.transformer_blocks.{t}.attn2",
                                                   self.block_out_channels[-1]))
         return layers
