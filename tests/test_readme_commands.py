@@ -81,7 +81,7 @@ COVERED_BY = {
     # Third-party tools. What of ours they rely on is tested where named; the inner --command of an ssh is
     # checked as a README command of its own.
     "gcloud compute tpus tpu-vm ssh": [
-        "tests/test_train_multiprocess.py::test_two_processes_train_on_disjoint_shards_and_write_one_checkpoint"],
+        "tests/test_train_multiprocess.py::test_two_processes_train_on_disjoint_shards_write_one_checkpoint_and_stop_together"],
     "gcloud compute tpus tpu-vm create": ["third-party: creates the TPU VM"],
     "gcloud compute tpus tpu-vm scp": ["third-party: copies the checkout to the workers"],
     "gcloud storage cp": ["third-party: gs:// shard URLs are read by tests/test_data_webdataset_source.py"

@@ -88,7 +88,9 @@ def random_ip_adapter_state(widths: list[int], cross_dim: int, variant: str, see
                             std: float = 0.2) -> dict[str, dict[str, np.ndarray]]:
     """A published-layout state dict ``{"image_proj": ..., "ip_adapter": ...}`` of random float32 arrays.
 
-    Plus uses depth 4 and 64-wide heads: diffusers' loader builds exactly that whatever the file holds."""
+    Plus uses depth 4 and 64-wide heads: diffusers' loader builds exactly that whatever the file holds. Full
+    (``MLPProjModel``, h94's ``ip-adapter-full-face_sd15``) is Linear(embed, embed), GELU, Linear(embed,
+    cross), LayerNorm, its keys named by ``nn.Sequential`` index (``proj.0``, ``proj.2``, ``proj.3``)."""
     rng = np.random.default_rng(seed)
     r = lambda *shape: (rng.standard_normal(shape) * std).astype(np.float32)  # noqa: E731
     if variant == "plain":
@@ -108,6 +110,10 @@ def random_ip_adapter_state(widths: list[int], cross_dim: int, variant: str, see
                 f"{p}.1.0.weight": 1 + r(hidden_dim), f"{p}.1.0.bias": r(hidden_dim),
                 f"{p}.1.1.weight": r(4 * hidden_dim, hidden_dim), f"{p}.1.3.weight": r(hidden_dim, 4 * hidden_dim),
             })
+    elif variant == "full":
+        proj = {"proj.0.weight": r(embed_dim, embed_dim), "proj.0.bias": r(embed_dim),
+                "proj.2.weight": r(cross_dim, embed_dim), "proj.2.bias": r(cross_dim),
+                "proj.3.weight": 1 + r(cross_dim), "proj.3.bias": r(cross_dim)}
     else:
         raise ValueError(variant)
     layers = {}
