@@ -31,7 +31,7 @@ def _text_encoder(config: dict, seed: int):
     return randomize_(model.eval(), seed=seed)
 
 
-def build_pipeline_dir(kind: str, root: Path, size: str = "tiny", vae_std: float = 0.15,
+def build_pipeline_dir(kind: str, root: Path, size: str = "parity", vae_std: float = 0.15,
                        published_scheduler: bool = False) -> Path:
     """Save a random ``kind`` ("sd" or "sdxl") diffusers pipeline with an ``image_encoder/`` under root;
     ``size`` is a key of ``tiny_models.SIZES``. ``vae_std``: the random VAE weights' scale (larger makes pixels

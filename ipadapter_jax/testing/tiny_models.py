@@ -4,7 +4,7 @@ benchmarks all read these configs; the shipped toy world in ``ipadapter_jax/toy`
 
 SD1.5's and SDXL's layouts at a few dozen channels: cross-attention at one UNet level (SD1.5 at the first,
 SDXL at the second with two transformer layers, as SDXL's deeper levels have more) and in the mid block, an
-8x VAE, CLIP text encoders over the toy tokenizer's vocabulary (SDXL: two, whose hidden states together make
+8x VAE (a 2x one for the parity references), CLIP text encoders over the toy tokenizer's vocabulary (SDXL: two, whose hidden states together make
 the cross-attention width, the second pooled and projected), and a CLIP image encoder with projection.
 ``BENCH_UNET`` / ``BENCH_VAE``: SD1.5's full layout (three cross-attention levels) at reduced width, for the
 CPU benchmarks.
@@ -31,16 +31,24 @@ TINY_UNET = {
                  projection_class_embeddings_input_dim=SDXL_POOLED + 6 * SDXL_TIME_DIM, norm_num_groups=8,
                  sample_size=8),
 }
-TINY_VAE = dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, latent_channels=4, norm_num_groups=8,
+TINY_VAE = dict(block_out_channels=[8, 16, 16, 16], down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=8,
                 sample_size=64)
+# The parity references' VAE: 2x, so the 32px images the parity tests compare come from 16x16 latents and a
+# sampler's or an image prompt's effect shows in the pixels (through the 8x VAE's 4x4 latents it barely does).
+PARITY_VAE = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4)
 BENCH_UNET = {
     "sd15": dict(block_out_channels=[64, 128, 256, 256], down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=128,
                  layers_per_block=2, attention_head_dim=4, norm_num_groups=32, sample_size=16),
 }
-BENCH_VAE = dict(block_out_channels=[32, 64, 128, 128], layers_per_block=1, latent_channels=4, norm_num_groups=32,
+BENCH_VAE = dict(block_out_channels=[32, 64, 128, 128], down_block_types=["DownEncoderBlock2D"] * 4,
+                 up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, latent_channels=4, norm_num_groups=32,
                  sample_size=128)
-SIZES = {"tiny": (TINY_UNET, TINY_VAE), "bench": (BENCH_UNET, BENCH_VAE)}
+# (UNets by arch, VAE) by name: "tiny" for the training tests' random world, "parity" for the parity references,
+# "bench" for the benchmarks.
+SIZES = {"tiny": (TINY_UNET, TINY_VAE), "parity": (TINY_UNET, PARITY_VAE), "bench": (BENCH_UNET, BENCH_VAE)}
 
 # SD1.5's betas; v-prediction, which the random world's short UNet pretraining learns faster (as the toy's).
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
