@@ -5,8 +5,8 @@
 real model. Weights are drawn with numpy (no initialiser has to be compiled). Two adjustments make the random
 world behave like a trained one where training needs it: the VAE's posterior is made narrow and its
 ``scaling_factor`` gives the latents of toy-world images unit variance, as the diffusion process assumes; and
-``pretrain_steps`` of ordinary text-conditioned diffusion training on toy-world images (``pretrain_unet``) make
-the UNet denoise, so that what a caption leaves out (background, position, size) is what an image prompt can
+``pretrain_steps`` of ordinary text-conditioned diffusion training on toy-world images (the toy world's own UNet
+trainer, ``toy.tiny_unet.train_tiny_unet``, on this UNet at 64 px) make the UNet denoise, so that what a caption leaves out (background, position, size) is what an image prompt can
 add: an adapter trained on this world has something to learn that a test can measure.
 """
 
@@ -19,16 +19,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ipadapter_jax.data.tokenize import CaptionTokenizer
-from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule, add_noise, training_target
-from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig, encode_to_latents
 from ipadapter_jax.testing.tiny_models import IMAGE_ENCODER, SCHEDULER, SIZES, TEXT_LENGTH, text_encoder_configs
 from ipadapter_jax.toy.shapes_dataset import make_examples, render
-from ipadapter_jax.toy.tiny_unet import encode_captions
+from ipadapter_jax.toy.tiny_unet import TinyUnetSettings, train_tiny_unet
+from ipadapter_jax.toy.tiny_vae import TinyVae
 from ipadapter_jax.toy.toy_tokenizer import write_toy_tokenizer
 from ipadapter_jax.weights.load_clip import build_clip_text_encoder, init_clip_text_encoder, init_clip_vision_encoder
 from ipadapter_jax.weights.load_unet import unet_param_shapes
@@ -38,7 +36,7 @@ from ipadapter_jax.weights.pipeline_folder import write_pipeline_folder
 MARKER = "random_model.json"  # written last: a folder without it (or with other arguments) is rewritten
 IMAGE_SIZE = 64  # the world's native image side: 8x8 latents, the tiny UNet's sample_size
 PRETRAIN_IMAGES = 512
-PROBE_STREAM, PRETRAIN_STREAM = 900, 901  # toy make_examples streams (disjoint from the toy build's)
+PROBE_STREAM = 900  # the toy make_examples stream of the VAE's scaling probe (disjoint from the toy build's)
 
 
 def random_params(shapes: dict, rng: np.random.Generator) -> dict:
@@ -57,13 +55,6 @@ def random_params(shapes: dict, rng: np.random.Generator) -> dict:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _toy_images(count: int, seed: int, stream: int) -> tuple[np.ndarray, list[str]]:
-    """``count`` toy-world images at ``IMAGE_SIZE`` in [-1, 1] and their (training) captions."""
-    examples = make_examples(count, seed, stream)
-    images = np.stack([render(spec, IMAGE_SIZE) for spec in examples.specs]).astype(np.float32)
-    return images / 127.5 - 1.0, examples.captions
-
-
 def _random_vae(vae_raw: dict, rng: np.random.Generator, seed: int) -> tuple[VAEConfig, dict]:
     config = VAEConfig.from_diffusers(vae_raw)
     params = random_params(vae_param_shapes(config), rng)
@@ -72,7 +63,7 @@ def _random_vae(vae_raw: dict, rng: np.random.Generator, seed: int) -> tuple[VAE
     latent = config.latent_channels
     params["quant_conv"]["kernel"][..., latent:] = 0.0
     params["quant_conv"]["bias"][latent:] = -30.0
-    probe, _ = _toy_images(16, seed, PROBE_STREAM)
+    probe = np.stack([render(spec, IMAGE_SIZE) for spec in make_examples(16, seed, PROBE_STREAM).specs]) / 127.5 - 1
     unscaled = VAEConfig(**{**config.__dict__, "scaling_factor": 1.0})
     module = AutoencoderKL(config)
     latents = jax.jit(lambda p, x: encode_to_latents(module, p, x, None, unscaled))(params, jnp.asarray(probe))
@@ -86,7 +77,7 @@ def write_random_model(folder: str | os.PathLike, arch: str = "sd15", seed: int 
     the module docstring (SD1.5 only). Deterministic in the arguments; reuses a complete folder written
     earlier with the same ones."""
     folder = Path(folder)
-    marker = {"arch": arch, "seed": seed, "size": size, "pretrain_steps": pretrain_steps, "version": 1}
+    marker = {"arch": arch, "seed": seed, "size": size, "pretrain_steps": pretrain_steps, "version": 2}
     if (folder / MARKER).is_file() and json.loads((folder / MARKER).read_text()) == marker:
         return folder
     if size not in SIZES or arch not in SIZES[size][0]:
@@ -105,54 +96,14 @@ def write_random_model(folder: str | os.PathLike, arch: str = "sd15", seed: int 
     if pretrain_steps:
         if unet_config.is_sdxl:
             raise ValueError("pretrain_steps: only the SD1.5-layout random model is pretrained")
-        text_module = build_clip_text_encoder(text_encoders[0][0])[0]
-        images, captions = _toy_images(PRETRAIN_IMAGES, seed + 1, PRETRAIN_STREAM)
-        latents = jax.jit(lambda x: encode_to_latents(AutoencoderKL(vae_config), vae_params, x, None, vae_config))(
-            jnp.asarray(images))
-        unique = sorted(set(captions) | {""})
-        contexts = encode_captions(text_module, text_encoders[0][1], CaptionTokenizer(tokenizer_dir, TEXT_LENGTH),
-                                   unique)
-        unet_params = pretrain_unet(UNet2DConditionModel(unet_config), unet_params, np.asarray(latents),
-                                    contexts[[unique.index(c) for c in captions]], contexts[unique.index("")],
-                                    NoiseSchedule.from_config(SCHEDULER), steps=pretrain_steps, seed=seed)
+        settings = TinyUnetSettings(num_images=PRETRAIN_IMAGES, steps=pretrain_steps, batch_size=16,
+                                    warmup_steps=20, seed=seed)
+        unet_params = train_tiny_unet(TinyVae(vae_config, vae_params, 0.0, 0.0),
+                                      build_clip_text_encoder(text_encoders[0][0])[0], text_encoders[0][1],
+                                      CaptionTokenizer(tokenizer_dir, TEXT_LENGTH), settings, log=lambda line: None,
+                                      raw_config=unet_raw, params=unet_params, image_size=IMAGE_SIZE).params
     write_pipeline_folder(folder, unet=(unet_raw, unet_params), vae=(vae_config, vae_params),
                           text_encoders=text_encoders, tokenizer_dir=tokenizer_dir, scheduler_config=SCHEDULER,
                           image_encoder=(IMAGE_ENCODER, image_params))
     (folder / MARKER).write_text(json.dumps(marker))
     return folder
-
-
-def pretrain_unet(unet: UNet2DConditionModel, params: dict, latents: np.ndarray, contexts: np.ndarray,
-                  empty_context: np.ndarray, schedule: NoiseSchedule, *, steps: int, seed: int,
-                  batch_size: int = 16, learning_rate: float = 1e-3, drop_text: float = 0.1) -> dict:
-    """Full-parameter diffusion training of ``unet`` on precomputed ``latents [N, h, w, C]`` with text
-    ``contexts [N, T, D]`` (replaced by ``empty_context [T, D]`` with probability ``drop_text``, so the
-    model also works unconditionally). Returns float32 numpy params."""
-    tx = optax.adam(learning_rate)
-    latents, contexts, empty = jnp.asarray(latents), jnp.asarray(contexts), jnp.asarray(empty_context)
-
-    def loss_fn(p, key):
-        k_index, k_noise, k_time, k_drop = jax.random.split(key, 4)
-        index = jax.random.randint(k_index, (batch_size,), 0, latents.shape[0])
-        x0, context = latents[index], contexts[index]
-        dropped = jax.random.uniform(k_drop, (batch_size, 1, 1)) < drop_text
-        context = jnp.where(dropped, empty[None], context)
-        noise = jax.random.normal(k_noise, x0.shape)
-        t = jax.random.randint(k_time, (batch_size,), 0, schedule.num_train_timesteps)
-        pred = unet.apply({"params": p}, add_noise(schedule, x0, noise, t), t, context)
-        return jnp.mean(jnp.square(pred - training_target(schedule, x0, noise, t)))
-
-    # The step index is folded into the key inside the program: an eager fold_in per step compiles a
-    # program per Python int (0.1 s each, a third of the whole build on a small CPU).
-    @jax.jit
-    def step(p, opt_state, key, i):
-        loss, grads = jax.value_and_grad(loss_fn)(p, jax.random.fold_in(key, i))
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    params = jax.tree.map(jnp.asarray, params)
-    opt_state = tx.init(params)
-    key = jax.random.key(seed)
-    for i in range(steps):
-        params, opt_state, _ = step(params, opt_state, key, np.int32(i))
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
