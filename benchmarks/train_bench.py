@@ -62,13 +62,13 @@ def main(argv=None) -> None:
     from ipadapter_jax.cpu_flags import apply_cpu_flags
 
     xla_flags = apply_cpu_flags()
-    from ipadapter_jax.train import tiny_world
+    from ipadapter_jax.testing.random_model import write_random_model
 
     cache = Path(tempfile.gettempdir()) / "ipadapter_jax_bench"
     if args.model == "bench":
         model = _bench_model(cache / "bench_model")
     else:
-        model = Path(args.model) if args.model else tiny_world.write_tiny_model(cache / "tiny_model")
+        model = Path(args.model) if args.model else write_random_model(cache / "tiny_model")
     image_encoder = Path(args.image_encoder) if args.image_encoder else model / "image_encoder"
     adapter_file, batch, run_ours = make_ours(args, model, image_encoder)
     run_theirs = make_torch(args, model, image_encoder, adapter_file, batch)

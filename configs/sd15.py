@@ -1,12 +1,18 @@
 """IP-Adapter for Stable Diffusion 1.5 (the paper's setup: plain adapter, 4 image tokens, CLIP ViT-H/14 image
 encoder, 512px, AdamW lr 1e-4, weight decay 0.01, 5% text / image / both dropout).
 
-Usage: python train.py --config configs/sd15.py --workdir /mnt/runs/sd15 \
+Usage: python train.py --config configs/sd15.py --workdir gs://BUCKET/runs/sd15 \
     --config.model.model_dir=/models/stable-diffusion-v1-5 \
     --config.model.image_encoder_dir=/models/IP-Adapter/models/image_encoder \
-    --config.data.shards='gs://bucket/shards/{00000..01023}.tar' --config.batch_size=256
+    --config.data.shards='gs://BUCKET/shards/{00000..01023}.tar' --config.batch_size=256
 
-The workdir is a local path or a mounted bucket (gcsfuse); shards may be read from gs:// directly.
+The workdir is a local folder or a gs:// URL written to directly (no FUSE mount); shards, model and image
+encoder folders may be gs:// URLs too.
+
+This is the base config, with every field and what it means: ``sd15_plus.py``, ``sdxl.py`` and ``tiny.py``
+call ``get_config()`` and override only what differs, and the defaults of ``ipadapter_jax.train.config``
+equal it (tests/test_train_config.py). Where it departs from the paper or tencent's training script, the
+comment says so ("not in the paper").
 """
 
 import ml_collections
@@ -14,7 +20,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0  # seeds the tiny world, adapter init, noise, timesteps, shard order and conditioning dropout
+    c.seed = 0  # seeds the adapter init, noise, timesteps, shard order, conditioning dropout and any toy shards
     c.num_steps = 1_000_000  # optimizer updates in all
     c.batch_size = 64  # global batch over all devices and hosts (the paper: 8 GPUs x 8)
 
@@ -27,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.sample_posterior = True  # VAE latents as a posterior sample (the reference script) rather than the mean
 
     c.adapter = ml_collections.ConfigDict()
+    # A new adapter: to_k_ip / to_v_ip copy each to_k / to_v (the paper); the projection net starts from flax's
+    # initialisers (lecun-normal kernels), not torch's nn.Linear default that tencent's script gets.
     c.adapter.variant = "plain"  # "plain" (image_embeds -> 4 tokens) or "plus" (Resampler over hidden states)
     c.adapter.num_tokens = 4  # image tokens the projection produces
     c.adapter.init_from = ""  # an ip_adapter .safetensors/.bin to fine-tune; "" starts from the paper init
@@ -39,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.shards = "data/shards/{00000..00999}.tar"  # webdataset shard spec (paths, globs, {a..b} braces, gs://, pipe:)
     c.data.caption_field = ""  # "" reads the caption from .txt; else this (dotted) field of the .json member
-    c.data.resolution = 512  # training image side (shortest side resized, then centre crop); multiple of 8
+    c.data.resolution = 512  # image side, multiple of 8: shortest side resized (bicubic; tencent's: bilinear), centre crop
     c.data.random_crop = False  # random instead of centre crop
     c.data.drop_text = 0.05  # probability of dropping only the caption (classifier-free guidance)
     c.data.drop_image = 0.05  # probability of dropping only the image
@@ -62,9 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999  # Adam second-moment decay
     c.optimizer.eps = 1e-8  # Adam epsilon
     c.optimizer.schedule = "constant"  # after warmup: "constant", "cosine" or "linear" decay
-    c.optimizer.warmup_steps = 1000  # linear warmup from 0
+    c.optimizer.warmup_steps = 1000  # linear warmup from 0 (not in the paper: its 1e-4 holds from step 0; 0 for that)
     c.optimizer.final_lr_fraction = 0.0  # cosine/linear decay ends at this fraction of the peak
-    c.optimizer.grad_clip_norm = 1.0  # global-norm gradient clipping; 0 turns it off
+    c.optimizer.grad_clip_norm = 1.0  # global-norm gradient clipping (not in the paper); 0 turns it off
     c.optimizer.max_nonfinite_steps = 10  # stop after this many NaN/Inf steps in a row (each update skipped); 0 = never
     c.optimizer.grad_accum_steps = 1  # micro-batches per update (batch_size must divide by it)
 

@@ -1,6 +1,7 @@
 """The built-in default: the shipped toy world (``ipadapter_jax/assets/toy/base``, a trained tiny SD-style
 model on 32x32 coloured shapes; see ``ipadapter_jax/toy`` and TOY_WORLD.md) and its shapes shards, written
-into WORKDIR on first use, trained on a laptop CPU.
+into WORKDIR on first use, trained on a laptop CPU. Otherwise as configs/sd15.py (every field and its meaning
+are there; this file overrides what differs).
 
 Usage: python train.py --config configs/tiny.py --workdir workdir [--config.num_steps=300]
 (``python train.py`` with no arguments runs exactly this.)
@@ -8,94 +9,37 @@ Usage: python train.py --config configs/tiny.py --workdir workdir [--config.num_
 
 import ml_collections
 
+from configs import sd15
 from ipadapter_jax.toy_assets import ASSETS
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 0  # seeds the tiny world, adapter init, noise, timesteps, shard order and conditioning dropout
+    c = sd15.get_config()
     c.num_steps = 3000  # optimizer updates in all (about 2 minutes on a 2-core CPU)
     c.batch_size = 8  # global batch over all devices and hosts
 
-    c.model = ml_collections.ConfigDict()
-    c.model.model_dir = str(ASSETS / "base")  # diffusers-layout base folder; "" writes a tiny random one instead
-    c.model.image_encoder_dir = ""  # CLIPVisionModelWithProjection folder; "" means model_dir/image_encoder
+    c.model.model_dir = str(ASSETS / "base")  # the shipped toy base (diffusers layout, with image_encoder/)
+    c.model.image_encoder_dir = ""  # "" means model_dir/image_encoder (the toy's mini CLIP)
     c.model.compute_dtype = "float32"  # dtype of the frozen weights and activations (float32 on CPU)
-    c.model.attention_implementation = "auto"  # "auto": Pallas flash attention on TPU, XLA elsewhere; or "xla", "pallas"
-    c.model.remat = False  # recompute UNet blocks in the backward pass (less memory, more compute)
-    c.model.sample_posterior = True  # VAE latents as a posterior sample (the reference script) rather than the mean
 
-    c.adapter = ml_collections.ConfigDict()
-    c.adapter.variant = "plain"  # "plain" (image_embeds -> 4 tokens) or "plus" (Resampler over hidden states)
-    c.adapter.num_tokens = 4  # image tokens the projection produces
-    c.adapter.init_from = ""  # an ip_adapter .safetensors/.bin to fine-tune; "" starts from the paper init
-    c.adapter.hidden_dim = 64  # Plus only: the Resampler's width
-    c.adapter.depth = 4  # Plus only: Resampler layers (diffusers loads depth 4 only)
-    c.adapter.heads = 1  # Plus only: attention heads of the Resampler
-    c.adapter.dim_head = 64  # Plus only: head width (diffusers loads 64 only)
-    c.adapter.ff_mult = 4  # Plus only: feed-forward expansion
+    c.adapter.hidden_dim = 64  # Plus only: the Resampler's width (the toy's cross-attention width)
+    c.adapter.heads = 1  # Plus only: attention heads of the Resampler (64 / 64)
 
-    c.data = ml_collections.ConfigDict()
-    c.data.shards = ""  # webdataset shard spec (paths, globs, {a..b} braces, gs://, pipe:); "" writes toy shards
-    c.data.caption_field = ""  # "" reads the caption from .txt; else this (dotted) field of the .json member
-    c.data.resolution = 32  # training image side (shortest side resized, then centre crop); the toy world's 32
-    c.data.random_crop = False  # random instead of centre crop
-    c.data.drop_text = 0.05  # probability of dropping only the caption (classifier-free guidance)
-    c.data.drop_image = 0.05  # probability of dropping only the image
-    c.data.drop_both = 0.05  # probability of dropping both
-    c.data.shuffle_shards = True  # new shard order every epoch (deterministic in the seed)
-    c.data.decode_threads = 2  # image-decoding threads per process
-    c.data.prefetch_batches = 2  # batches read ahead of the step
-    c.data.cache_latents = False  # read VAE moments + text/image encodings from cache_dir (no encoders in the step)
-    c.data.cache_dir = ""  # folder written by python -m ipadapter_jax.cache (any URL shards can use)
-    c.data.tfds_name = ""  # prepared TFDS dataset (e.g. "coco_captions") to train from, with data.shards=""; "" = shards
-    c.data.tfds_split = "train"  # TFDS split (slicing allowed: "train[:90%]"); each process reads an even, disjoint part
-    c.data.tfds_data_dir = ""  # TFDS data_dir holding the prepared dataset (gs:// works); "" = TFDS's default
-    c.data.tfds_image_key = "image"  # feature holding the encoded image ("a/b" for nested features)
-    c.data.tfds_caption_key = "caption"  # text feature holding the caption (first one if several)
+    c.data.shards = ""  # "" writes the toy world's shapes shards into WORKDIR/toy_shards
+    c.data.resolution = 32  # the toy world's image side
+    c.data.decode_threads = 2  # image-decoding threads per process (a laptop's cores)
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 2e-3  # peak learning rate (the paper uses 1e-4 at scale; the tiny world learns faster)
-    c.optimizer.weight_decay = 0.01  # AdamW decoupled weight decay
-    c.optimizer.b1 = 0.9  # Adam first-moment decay
-    c.optimizer.b2 = 0.999  # Adam second-moment decay
-    c.optimizer.eps = 1e-8  # Adam epsilon
-    c.optimizer.schedule = "cosine"  # after warmup: "constant", "cosine" or "linear" decay
-    c.optimizer.warmup_steps = 100  # linear warmup from 0
-    c.optimizer.final_lr_fraction = 0.0  # cosine/linear decay ends at this fraction of the peak
-    c.optimizer.grad_clip_norm = 1.0  # global-norm gradient clipping; 0 turns it off
-    c.optimizer.max_nonfinite_steps = 10  # stop after this many NaN/Inf steps in a row (each update skipped); 0 = never
-    c.optimizer.grad_accum_steps = 1  # micro-batches per update (batch_size must divide by it)
+    c.optimizer.learning_rate = 2e-3  # peak learning rate (the paper uses 1e-4 at scale; the toy world learns faster)
+    c.optimizer.schedule = "cosine"  # decay to final_lr_fraction after the warmup: a short run ends settled
+    c.optimizer.warmup_steps = 100  # linear warmup from 0 (not in the paper)
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.noise_offset = 0.0  # adds noise_offset * N(0, 1) per example and channel to the noise; 0 = off
-    c.loss.min_snr_gamma = 0.0  # min-SNR loss weighting gamma (5.0 is typical); 0 = plain MSE
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel size; -1 = all devices left after fsdp
-    c.mesh.fsdp = 1  # devices each large weight is split over (batch is split over data x fsdp)
-    c.mesh.fsdp_min_size = 1 << 20  # weights with fewer elements are replicated
-    c.mesh.logical_axis_rules = (("batch", ("data", "fsdp")), ("fsdp", "fsdp"))  # logical -> mesh axes
-
-    c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500  # checkpoint + adapter export interval
-    c.checkpoint.keep = 3  # checkpoints (and per-step adapter exports) kept
-    c.checkpoint.async_save = True  # write checkpoints in the background
-    c.checkpoint.export_dtype = "float32"  # dtype of the exported ip_adapter.safetensors ("float16" as published)
+    c.checkpoint.export_dtype = "float32"  # the toy adapter is small: keep full precision
 
-    c.log = ml_collections.ConfigDict()
     c.log.every_steps = 10  # metrics.jsonl / TensorBoard interval
-    c.log.progress_bar = True  # tqdm bar with loss, steps/s, images/s
-    c.log.tensorboard = True  # write TensorBoard events to WORKDIR/tensorboard
 
-    c.validation = ml_collections.ConfigDict()
     c.validation.every_steps = 1000  # sample a validation grid this often; 0 = never
     c.validation.num_images = 2  # image prompts taken from the first shard when `images` is empty
-    c.validation.images = ()  # image files to use as prompts instead
-    c.validation.prompt = ""  # text prompt used with every image prompt
-    c.validation.scales = (0.0, 0.5, 1.0)  # IP-Adapter scales, one grid column each
-    c.validation.sampler = "ddim"  # "ddim", "euler" or "dpm++2m"
-    c.validation.num_inference_steps = 10  # sampler steps
-    c.validation.guidance_scale = 3.0  # classifier-free guidance (uncond: empty text, dropped image)
-    c.validation.seed = 0  # seed of the validation noise (fixed, so grids compare across steps)
+    c.validation.num_inference_steps = 10  # sampler steps (a quick grid)
+    c.validation.guidance_scale = 3.0  # classifier-free guidance, as the README samples the toy world
     return c

@@ -19,7 +19,7 @@ def latest_toy_adapter(workdir: str | Path = "workdir") -> Path | None:
 
 def _trained_on_toy_base(workdir: Path) -> bool:
     # The workdir may hold an adapter for another base (e.g. a real SD1.5 run): only take it when the run's
-    # saved config names the toy base ("" is the random tiny world written into the workdir: another base),
+    # saved config names the toy base ("" named a random tiny world that older trainers wrote: another base),
     # or when there is no config to say otherwise.
     from ipadapter_jax.train.checkpoint import saved_config
 

@@ -19,20 +19,11 @@ import pytest
 
 from ipadapter_jax.testing.random_weights import (  # noqa: F401 (re-exported for tests)
     random_ip_adapter_state, randomize_, torch_cross_attention_widths, write_ip_adapter_state)
+from ipadapter_jax.testing.tiny_models import TINY_UNET
 
-TINY_SD15 = dict(
-    block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, layers_per_block=2,
-    attention_head_dim=4, norm_num_groups=8, sample_size=16,
-)
-TINY_SDXL = dict(
-    block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=48,
-    layers_per_block=2, attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 2, 2),
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=8, sample_size=16,
-)
-TINY_UNETS = {"sd15": TINY_SD15, "sdxl": TINY_SDXL}
+# The one tiny spec, with two layers per block: per-block scale tests pick one cross-attention of several.
+TINY_UNETS = {arch: {**config, "layers_per_block": 2} for arch, config in TINY_UNET.items()}
+TINY_SD15 = TINY_UNETS["sd15"]
 
 
 @pytest.fixture(scope="session")

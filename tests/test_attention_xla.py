@@ -33,13 +33,13 @@ def test_xla_attention_bf16_keeps_dtype_and_accuracy():
 
 
 def test_pallas_is_found_without_importing_its_module_first():
-    """Training and sampling name the implementation in a config; the Pallas kernels register on first use."""
+    """Training and sampling name the implementation in a config; the Pallas kernels are imported on first use."""
     import subprocess
     import sys
 
-    code = ("from ipadapter_jax.models.attention import attention_function, ATTENTION_IMPLEMENTATIONS\n"
-            "assert 'pallas' not in ATTENTION_IMPLEMENTATIONS\n"
-            "attention_function('pallas_interpret'); assert 'pallas' in ATTENTION_IMPLEMENTATIONS\n")
+    code = ("import sys\nfrom ipadapter_jax.models.attention import attention_function\n"
+            "assert 'ipadapter_jax.models.pallas_attention' not in sys.modules\n"
+            "attention_function('pallas_interpret'); assert 'ipadapter_jax.models.pallas_attention' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         attention_function("flash")

@@ -19,9 +19,9 @@ from bad_inputs.corpus import SAMPLE_CASES, SHARD_CASES, SHARD_KEYS, RESOLUTION
 from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig
 from ipadapter_jax.data.examples import BatchCollator, ExampleProcessor
 from ipadapter_jax.data.image_ops import ImageDecodeError, decode_image
-from ipadapter_jax.data.synthetic import (encode_image, random_image, write_image_shard, write_tar,
-                                          write_tiny_clip_tokenizer)
+from ipadapter_jax.data.synthetic import encode_image, random_image, write_image_shard, write_tar
 from ipadapter_jax.data.tokenize import CaptionTokenizer
+from ipadapter_jax.toy.toy_tokenizer import write_toy_tokenizer
 from ipadapter_jax.data.webdataset_source import WebDatasetSource
 
 SMALL_CLIP = ClipImageProcessingConfig(shortest_edge=24, crop_height=24, crop_width=24)
@@ -31,7 +31,7 @@ CLIP_HIGH = (1.0 - np.asarray(SMALL_CLIP.image_mean)) / np.asarray(SMALL_CLIP.im
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return CaptionTokenizer(write_tiny_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
+    return CaptionTokenizer(write_toy_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
 
 
 def processor(**overrides) -> ExampleProcessor:

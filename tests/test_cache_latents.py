@@ -32,7 +32,8 @@ from ipadapter_jax.train.frozen import load_frozen_models
 from ipadapter_jax.train.setup import projection_config
 from ipadapter_jax.train.state import cross_attention_kv, state_initializer
 from ipadapter_jax.train.step import StepSettings, batch_keys, make_train_step
-from ipadapter_jax.train.tiny_world import shape_samples, write_tiny_model
+from ipadapter_jax.testing.random_model import write_random_model
+from ipadapter_jax.toy.shapes_dataset import make_examples, shard_members
 
 STEPS = 3
 LOSS_TOL = 1e-5
@@ -57,7 +58,7 @@ def frozen_models(world):
 
 @pytest.fixture(scope="module")
 def sdxl_model(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("sdxl") / "model", seed=1, arch="sdxl", pretrain_steps=0)
+    return write_random_model(tmp_path_factory.mktemp("sdxl") / "model", arch="sdxl", seed=1)
 
 
 @pytest.mark.parametrize("arch, variant", [("sd15", "plain"), ("sd15", "plus"),
@@ -135,7 +136,7 @@ def _tar(path: Path, members: list[tuple[str, bytes]], truncate: bool = False) -
 
 
 def test_writer_counts_skips_as_the_online_source_does(world, frozen_models, tmp_path):
-    good = shape_samples(6, seed=3, prefix="g")
+    good = shard_members(make_examples(6, seed=3), "g", labels=False)
     _tar(tmp_path / "a.tar", good[:4] + [("bad.png", b"not a png"), ("bad.txt", b"x"), ("nocap.png", _png("red"))])
     _tar(tmp_path / "b.tar", good[4:] + [("late.png", _png("blue")), ("late.txt", b"late")] * 3, truncate=True)
     spec = f"{tmp_path}/{{a,b}}.tar"
@@ -184,7 +185,7 @@ def test_a_cache_for_another_resolution_variant_or_model_is_refused(world, froze
     with pytest.raises(CacheError, match=r"variant: cache 'plain', config 'plus'"):
         open_latent_cache(dataclasses.replace(cached, adapter=dataclasses.replace(cached.adapter, variant="plus")),
                           model, modules)
-    other = write_tiny_model(tmp_path / "other_model", seed=5, pretrain_steps=0)
+    other = write_random_model(tmp_path / "other_model", seed=5)
     with pytest.raises(CacheError, match="model: the cache was encoded with the model in"):
         open_latent_cache(cached, other, load_frozen_models(other, compute_dtype="float32").modules)
     with pytest.raises(CacheError, match="no readable latent-cache manifest"):

@@ -13,7 +13,7 @@ import tfds_support  # noqa: E402
 from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig  # noqa: E402
 from ipadapter_jax.data.conditioning_dropout import DropoutRates  # noqa: E402
 from ipadapter_jax.data.examples import BatchCollator, ExampleProcessor  # noqa: E402
-from ipadapter_jax.data.synthetic import write_tiny_clip_tokenizer  # noqa: E402
+from ipadapter_jax.toy.toy_tokenizer import write_toy_tokenizer  # noqa: E402
 from ipadapter_jax.data.tfds_source import TfdsSource, element_image_and_caption  # noqa: E402
 from ipadapter_jax.data.tokenize import CaptionTokenizer  # noqa: E402
 
@@ -23,7 +23,7 @@ GOOD = tfds_support.NUM_EXAMPLES - 2
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return CaptionTokenizer(write_tiny_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
+    return CaptionTokenizer(write_toy_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
 
 
 @pytest.fixture(scope="module")

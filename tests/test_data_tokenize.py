@@ -1,15 +1,17 @@
-"""CaptionTokenizer over a tiny locally written CLIP BPE tokenizer."""
+"""CaptionTokenizer over a tiny locally written CLIP BPE tokenizer (the toy tokenizer writer, four words)."""
 
 import numpy as np
 import pytest
 
-from ipadapter_jax.data.synthetic import write_tiny_clip_tokenizer
 from ipadapter_jax.data.tokenize import CaptionTokenizer
+from ipadapter_jax.toy.toy_tokenizer import write_toy_tokenizer
+
+WORDS = ("cat", "dog", "the", "red")  # whole-word tokens; every other word splits into characters
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return CaptionTokenizer(write_tiny_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
+    return CaptionTokenizer(write_toy_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", WORDS))
 
 
 def test_shape_dtype_bos_eos_and_padding(tokenizer):
@@ -45,7 +47,7 @@ def test_matches_the_transformers_tokenizer_directly(tokenizer):
 
 
 def test_other_max_length_and_errors(tmp_path):
-    short = CaptionTokenizer(write_tiny_clip_tokenizer(tmp_path / "t"), max_length=8)
+    short = CaptionTokenizer(write_toy_tokenizer(tmp_path / "t", WORDS), max_length=8)
     assert short(["a cat"]).shape == (1, 8)
     assert short([]).shape == (0, 8)
     with pytest.raises(TypeError):

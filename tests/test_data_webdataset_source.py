@@ -16,9 +16,9 @@ from ipadapter_jax.data.synthetic import (
     random_image,
     write_image_shard,
     write_tar,
-    write_tiny_clip_tokenizer,
 )
 from ipadapter_jax.data.tokenize import CaptionTokenizer
+from ipadapter_jax.toy.toy_tokenizer import write_toy_tokenizer
 from ipadapter_jax.data.webdataset_source import WebDatasetSource, shard_order
 
 SMALL_CLIP = ClipImageProcessingConfig(shortest_edge=24, crop_height=24, crop_width=24)
@@ -27,12 +27,12 @@ NUM_SHARDS, PER_SHARD = 4, 5
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return CaptionTokenizer(write_tiny_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
+    return CaptionTokenizer(write_toy_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def tokenizer_2(tmp_path_factory):
-    return CaptionTokenizer(write_tiny_clip_tokenizer(tmp_path_factory.mktemp("tok2") / "tokenizer_2"))
+    return CaptionTokenizer(write_toy_tokenizer(tmp_path_factory.mktemp("tok2") / "tokenizer_2"))
 
 
 @pytest.fixture(scope="module")

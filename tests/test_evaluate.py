@@ -16,7 +16,7 @@ from PIL import Image
 from ipadapter_jax.evaluate import references as refs
 from ipadapter_jax.evaluate.clip_scorer import ClipScorer
 from ipadapter_jax.evaluate.protocol import reference_baselines, run_protocol
-from ipadapter_jax.toy import transformers_folders as tf
+from ipadapter_jax.weights import transformers_folders as tf
 from ipadapter_jax.toy.shapes_dataset import make_examples
 from ipadapter_jax.toy.toy_tokenizer import write_toy_tokenizer, vocab_size
 

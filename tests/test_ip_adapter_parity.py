@@ -31,8 +31,8 @@ BF16_REL_TOL = 2e-2
 # Per-block scales written both ways: diffusers' block dict, and our module-prefix form of the same thing.
 BLOCK_SCALES = {
     "sd15": ({"up": {"block_1": [0.0, 1.0, 0.0]}}, {"up_blocks.1.attentions.1": 1.0}),
-    "sdxl": ({"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}},
-             {"down_blocks.2.attentions.1": 1.0, "up_blocks.0.attentions.1": 1.0}),
+    "sdxl": ({"down": {"block_1": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}},
+             {"down_blocks.1.attentions.1": 1.0, "up_blocks.0.attentions.1": 1.0}),
 }
 
 

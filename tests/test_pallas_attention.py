@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from ipadapter_jax.models import pallas_attention
-from ipadapter_jax.models.attention import ATTENTION_IMPLEMENTATIONS, dot_product_attention
+from ipadapter_jax.models.attention import attention_function, dot_product_attention
 from ipadapter_jax.models.pallas_attention import flash_attention
 
 TOL = 1e-5
-reference = ATTENTION_IMPLEMENTATIONS["einsum"]
+reference = attention_function("einsum")
 
 
 def _inputs(seed, batch, q_tokens, kv_tokens, heads, head_dim, dtype=jnp.float32):
@@ -114,7 +114,7 @@ def test_lowers_to_three_mosaic_kernels_for_tpu():
 MESH_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from ipadapter_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from ipadapter_jax.models.attention import attention_function
 from ipadapter_jax.models.pallas_attention import flash_attention
 mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
 rng = np.random.default_rng(0)
@@ -126,7 +126,7 @@ def run(attention):
 kernel = jax.jit(lambda: run(lambda q, k, v: flash_attention(q, k, v, block_q=128, block_k=128, interpret=True)))
 with jax.set_mesh(mesh):
     (out, grads), text = kernel(), kernel.lower().as_text()
-ref_out, ref_grads = run(ATTENTION_IMPLEMENTATIONS["einsum"])
+ref_out, ref_grads = run(attention_function("einsum"))
 errs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip((out, *grads), (ref_out, *ref_grads))]
 print("ERRS", errs, "SHARDED", "shard_map" in text or "sdy.manual_computation" in text, out.sharding.spec)
 assert max(errs) <= 1e-5, errs

@@ -40,9 +40,9 @@ SCRIPT = textwrap.dedent('''
             images = pipe([f"shape {i}" for i in range(batch)], **settings)
             np.save(f"{sys.argv[1]}/{name}_{batch}.npy", images)
             args, true_batch = pipe.generate_args([f"shape {i}" for i in range(batch)], **settings)
-            noise_sharding = generate.lower(*args).compile().input_shardings[0][5]  # generate(..., scales, sampler, noise, ...)
+            noise_sharding = generate.lower(*args).compile().input_shardings[0][1].noise  # generate(settings, weights, inputs)
             out["specs"][f"{name}_{batch}"] = [str(noise_sharding.spec), dict(noise_sharding.mesh.shape),
-                                               int(args[10].shape[0]), true_batch]
+                                               int(args[2].noise.shape[0]), true_batch]
         if name == "2x1":
             twice = pipe(["shape 0", "shape 1"], num_images_per_prompt=2, **settings)
             np.save(f"{sys.argv[1]}/per_prompt.npy", twice)

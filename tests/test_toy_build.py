@@ -56,8 +56,10 @@ def test_mini_clip_training_is_deterministic(tokenizer_dir, mini_clip):
 
 def test_mini_clip_folders_load_in_transformers(tmp_path, tokenizer_dir, mini_clip):
     from ipadapter_jax.evaluate.clip_scorer import ClipScorer
-    from ipadapter_jax.toy.base_folder import write_clip_folder
+    from ipadapter_jax.toy.mini_clip import write_clip_folder
     from ipadapter_jax.weights.load_clip import load_clip_text_encoder, load_clip_vision_encoder
+    from ipadapter_jax.weights.pipeline_folder import write_image_encoder_folder
+    from ipadapter_jax.weights.transformers_folders import write_transformers_folder
 
     tokenizer = CaptionTokenizer(tokenizer_dir)
     ids = tokenizer(["a red circle", "a square", ""])
@@ -65,7 +67,7 @@ def test_mini_clip_folders_load_in_transformers(tmp_path, tokenizer_dir, mini_cl
     pixels = (images.astype(np.float32) / 255.0 - np.array([0.48145466, 0.4578275, 0.40821073], np.float32)) / \
         np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
-    text_dir = mini_clip.save_text_encoder(tmp_path / "text_encoder")
+    text_dir = write_transformers_folder(tmp_path / "text_encoder", *mini_clip.text_encoder())
     theirs, info = transformers.CLIPTextModel.from_pretrained(text_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     module, params, _ = load_clip_text_encoder(text_dir)
@@ -75,7 +77,7 @@ def test_mini_clip_folders_load_in_transformers(tmp_path, tokenizer_dir, mini_cl
     assert _max_diff(ours.last_hidden_state, out.last_hidden_state) <= TOL
     assert _max_diff(ours.pooler_output, out.pooler_output) <= TOL
 
-    image_dir = mini_clip.save_image_encoder(tmp_path / "image_encoder")
+    image_dir = write_image_encoder_folder(tmp_path / "image_encoder", *mini_clip.image_encoder())
     theirs, info = transformers.CLIPVisionModelWithProjection.from_pretrained(image_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     module, params, _ = load_clip_vision_encoder(image_dir)

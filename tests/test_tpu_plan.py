@@ -24,24 +24,16 @@ import pytest
 
 from ipadapter_jax.plan.figures import PlanFigures, corrected_step_seconds
 from ipadapter_jax.plan.topology import parse_topology
+from ipadapter_jax.testing import tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
-TINY_UNET = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64],
-             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
-             "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 8, "sample_size": 8}
-TINY_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
-            "latent_channels": 4, "norm_num_groups": 8, "sample_size": 64}
-TINY_TEXT = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 64,
-             "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-             "max_position_embeddings": 77, "projection_dim": 32, "eos_token_id": 1}
-TINY_IMAGE = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
-              "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-              "image_size": 32, "patch_size": 8, "projection_dim": 16}
-SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-             "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False}
+TINY_UNET = {"_class_name": "UNet2DConditionModel", **tiny_models.TINY_UNET["sd15"]}
+TINY_VAE = {"_class_name": "AutoencoderKL", **tiny_models.TINY_VAE}
+TINY_TEXT = tiny_models.text_encoder_configs(tiny_models.TINY_UNET["sd15"])[0]
+TINY_IMAGE = tiny_models.IMAGE_ENCODER
+SCHEDULER = tiny_models.SCHEDULER
 TINY_CONFIG = """
 import ml_collections
 def get_config():
@@ -51,6 +43,7 @@ def get_config():
     c.model = ml_collections.ConfigDict(dict(model_dir={model_dir!r}, image_encoder_dir={image_dir!r},
                                              compute_dtype="float32", attention_implementation="xla", remat=True))
     c.data = ml_collections.ConfigDict(dict(resolution=32))
+    c.optimizer = ml_collections.ConfigDict(dict(warmup_steps=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=2, fsdp_min_size=256))
     c.validation = ml_collections.ConfigDict(dict(num_inference_steps=3))
     return c
@@ -195,7 +188,6 @@ def test_model_count_never_lowers_pallas(what):
     import jax
     import ml_collections
 
-    from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas")
     from ipadapter_jax.train.config import TrainConfig
 
     namespace: dict = {}

@@ -9,6 +9,7 @@ import pytest
 
 from train_support import REPO
 from configs import sd15, sd15_plus, sdxl, tiny
+from ipadapter_jax.tools.config_reference import read_fields
 from ipadapter_jax.train.config import ConfigError, TrainConfig, check_against_devices
 
 CONFIGS = {"tiny": tiny, "sd15": sd15, "sd15_plus": sd15_plus, "sdxl": sdxl}
@@ -39,14 +40,36 @@ def test_shipped_configs_set_and_comment_every_field(name):
     module = CONFIGS[name]
     config = TrainConfig.from_config_dict(module.get_config())
     assert sorted(_leaves(module.get_config())) == sorted(_dataclass_leaves(config))
-    source = (REPO / "configs" / f"{name}.py").read_text()
-    assignments = [line for line in source.splitlines()
-                   if re.match(r"\s+c\.[\w.]+ = ", line) and "ConfigDict()" not in line]
-    assert len(assignments) == len(_dataclass_leaves(config))
-    uncommented = [line.strip() for line in assignments if "#" not in line]
+    # Every field is assigned, with its comment, in the config or (for the configs built on sd15.py) its base.
+    fields = read_fields(REPO / "configs" / f"{name}.py")
+    assert len(fields) == len(_dataclass_leaves(config))
+    uncommented = [f"{f.section}.{f.name}" for f in fields if not f.comment]
     assert not uncommented, f"configs/{name}.py: fields without a comment: {uncommented}"
     assert "Usage: python train.py --config configs/" in module.__doc__
     assert TrainConfig.from_config_dict(config.to_dict()) == config  # the JSON saved in checkpoints reads back
+
+
+def test_dataclass_defaults_are_the_base_config():
+    """``TrainConfig()`` is ``configs/sd15.py``: a config that leaves a field out gets the base's value."""
+    assert TrainConfig() == TrainConfig.from_config_dict(sd15.get_config())
+
+
+@pytest.mark.parametrize("name", ["sd15_plus", "sdxl", "tiny"])
+def test_configs_built_on_the_base_assign_only_what_differs(name):
+    """No whole-file copies: a derived config starts from ``sd15.get_config()`` and each of its assignments
+    changes a value."""
+    source = (REPO / "configs" / f"{name}.py").read_text()
+    assert "c = sd15.get_config()" in source
+    base, derived = _flat(sd15.get_config()), _flat(CONFIGS[name].get_config())
+    assigned = re.findall(r"^\s+c\.([\w.]+) = ", source, re.M)
+    assert assigned and all(base[key] != derived[key] for key in assigned), assigned
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key: value})
+    return out
 
 
 def test_unknown_key_is_rejected_with_a_suggestion():

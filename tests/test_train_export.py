@@ -20,7 +20,7 @@ from train_support import tiny_config, world  # noqa: F401
 from ipadapter_jax import IPAdapterPipeline, load_ip_adapter
 from ipadapter_jax.models.adapter import adapter_variables
 from ipadapter_jax.train import main
-from ipadapter_jax.train.tiny_world import shape_samples
+from ipadapter_jax.toy.shapes_dataset import make_examples, shard_members
 from ipadapter_jax.weights.load_unet import load_unet
 from ipadapter_jax.weights.torch_layout import flax_path_of
 
@@ -113,7 +113,7 @@ def test_exported_adapter_gives_the_same_images_in_diffusers_and_our_pipeline(wo
     theirs.load_ip_adapter(str(exported.parent), subfolder="", weight_name=exported.name, image_encoder_folder=None)
     theirs.set_ip_adapter_scale(1.0)
     ours = IPAdapterPipeline.from_pretrained(model, ip_adapter=exported, image_encoder=model / "image_encoder")
-    image = Image.open(io.BytesIO(shape_samples(1, seed=12345, prefix="ref")[0][1])).convert("RGB")
+    image = Image.open(io.BytesIO(shard_members(make_examples(1, seed=12345), "ref")[0][1])).convert("RGB")
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = theirs(["a red circle"] * 2, ip_adapter_image=image, num_inference_steps=5, guidance_scale=3.0,
                  height=64, width=64, latents=latents.clone(), output_type="np").images

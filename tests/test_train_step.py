@@ -30,7 +30,8 @@ from ipadapter_jax.train.state import (TrainState, cross_attention_kv, learning_
                                        state_initializer)
 from ipadapter_jax.train.step import (StepSettings, draw_noise, encode_batch, latent_shape, make_train_step,
                                       per_example_loss)
-from ipadapter_jax.train.tiny_world import shape_samples, write_tiny_model
+from ipadapter_jax.testing.random_model import write_random_model
+from ipadapter_jax.toy.shapes_dataset import make_examples, shard_members
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter, save_ip_adapter
 
 TOL = 1e-4
@@ -42,7 +43,7 @@ def _batch(modules, sdxl: bool) -> dict:
     from ipadapter_jax.data.examples import ExampleProcessor
 
     processor = ExampleProcessor(RESOLUTION, clip_config=modules.clip_image_config)
-    members = shape_samples(BATCH, seed=7, prefix="t")
+    members = shard_members(make_examples(BATCH, seed=7), "t", labels=False)
     examples = [processor.process(members[2 * i][1], members[2 * i + 1][1].decode(), f"t{i}") for i in range(BATCH)]
     captions = [e.caption for e in examples]
     captions[1] = ""  # a dropped caption
@@ -149,7 +150,7 @@ def sd15(world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_plus(tmp_path_factory):
-    model = write_tiny_model(tmp_path_factory.mktemp("sdxl") / "model", seed=1, arch="sdxl", pretrain_steps=0)
+    model = write_random_model(tmp_path_factory.mktemp("sdxl") / "model", arch="sdxl", seed=1)
     return Case(model, "plus", "epsilon", tmp_path_factory.mktemp("sdxl_case"))
 
 

@@ -20,8 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import tiny  # noqa: E402
-from ipadapter_jax.train import tiny_world  # noqa: E402
+from ipadapter_jax.testing.random_model import write_random_model  # noqa: E402
+from ipadapter_jax.toy.shapes_dataset import heldout_shard, write_shape_shards  # noqa: E402
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter  # noqa: E402
+
+
+PRETRAIN_STEPS = 300  # text-conditioned UNet training steps of the tiny world (see testing.random_model)
 
 
 def use_compile_cache(path: Path) -> Path:
@@ -32,9 +36,11 @@ def use_compile_cache(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def world(request) -> dict:
-    """``{"model": dir, "shards": spec, "heldout": path, "cache": dir}``: the tiny world and a compilation
-    cache (used by this process and every ``train.py`` subprocess), both kept in pytest's cache folder:
-    the tiny world is deterministic and rewritten whenever its generator's arguments or version change,
+    """``{"model": dir, "shards": spec, "heldout": path, "cache": dir}``: the tiny world (the random SD1.5-layout
+    model of ``ipadapter_jax.testing``, its UNet pretrained a little, and eight toy-world shards of 32 samples
+    without labels) and a compilation cache (used by this process and every ``train.py`` subprocess), both
+    kept in pytest's cache folder: the tiny world is deterministic and rewritten whenever its generators'
+    arguments or versions change,
     and JAX keys compiled programs by their full contents, so reuse across sessions is safe
     (``pytest --cache-clear`` starts afresh). Under pytest-xdist the workers share both: the first to
     arrive writes the world while the others wait on its lock, then reuse it."""
@@ -43,9 +49,9 @@ def world(request) -> dict:
     compile_cache = use_compile_cache(Path(request.config.cache.mkdir("ipadapter_jax_compile_cache")))
     root = Path(request.config.cache.mkdir("ipadapter_jax_tiny_world"))
     with FileLock(str(root / "write.lock")):
-        model = tiny_world.write_tiny_model(root / "model", seed=0)
-        shards = tiny_world.write_shape_shards(root / "shards", seed=0)
-    return {"model": str(model), "shards": shards, "heldout": tiny_world.heldout_shard(root / "shards"),
+        model = write_random_model(root / "model", seed=0, pretrain_steps=PRETRAIN_STEPS)
+        shards = write_shape_shards(root / "shards", num_shards=8, samples_per_shard=32, seed=0, labels=False)
+    return {"model": str(model), "shards": shards, "heldout": heldout_shard(root / "shards"),
             "cache": str(compile_cache)}
 
 

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.cache.format import image_feature_shape
+from ipadapter_jax.conditioning import encode_image_prompt, encode_text
 from ipadapter_jax.models.vae import AutoencoderKL
-from ipadapter_jax.train.frozen import FrozenModules, encode_image_prompt, encode_text
+from ipadapter_jax.train.frozen import FrozenModules
 
 ENCODER_PARAMS = ("vae", "text_encoder", "text_encoder_2", "image_encoder")
 
@@ -29,10 +30,11 @@ def encode_for_cache(modules: FrozenModules, params: dict, batch: dict, uses_hid
     """``{latent_mean, latent_logvar [B, h, w, C], text_context [B, T, D], (text_pooled [B, P]),
     image_features [B, E] | [B, N, H]}``, all float32; images are never dropped here."""
     mean, logvar = modules.vae.apply({"params": params["vae"]}, batch["pixels"], method=AutoencoderKL.encode)
-    text = encode_text(modules, params, batch["input_ids"], batch.get("input_ids_2"))
+    text = encode_text(modules.text_encoders, params, [batch["input_ids"], batch.get("input_ids_2")])
     keep = jnp.zeros(batch["clip_pixels"].shape[:1], jnp.bool_)
     out = {"latent_mean": mean, "latent_logvar": logvar, "text_context": text.context,
-           "image_features": encode_image_prompt(modules, params, batch["clip_pixels"], keep, uses_hidden_states)}
+           "image_features": encode_image_prompt(modules.image_encoder, params["image_encoder"], batch["clip_pixels"],
+                                                 keep, uses_hidden_states)}
     if text.pooled is not None:
         out["text_pooled"] = text.pooled
     return {k: v.astype(jnp.float32) for k, v in out.items()}
@@ -45,14 +47,15 @@ def encode_uncond(modules: FrozenModules, params: dict, empty_ids: np.ndarray, e
     online step computes them."""
 
     def encode(params, ids, ids_2):
-        text = encode_text(modules, params, ids, ids_2)
+        text = encode_text(modules.text_encoders, params, [ids, ids_2])
         out = {"text_context": text.context[0]}
         if text.pooled is not None:
             out["text_pooled"] = text.pooled[0]
         if uses_hidden_states:
             size = modules.clip_image_size
             zeros = jnp.zeros((1, size, size, 3), jnp.float32)
-            out["image_features"] = encode_image_prompt(modules, params, zeros, jnp.ones((1,), jnp.bool_), True)[0]
+            out["image_features"] = encode_image_prompt(modules.image_encoder, params["image_encoder"], zeros,
+                                                        jnp.ones((1,), jnp.bool_), True)[0]
         return {k: v.astype(jnp.float32) for k, v in out.items()}
 
     ids_2 = None if empty_ids_2 is None else jnp.asarray(empty_ids_2)[None]

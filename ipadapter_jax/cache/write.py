@@ -136,14 +136,14 @@ def write_latent_cache(config: Any, out_dir: str | Path, *, batch_size: int = 0,
     """Encode ``config``'s training data (a ``TrainConfig``) into a latent cache in the local folder ``out_dir``
     (a mounted bucket works). ``batch_size``: examples per encoder call on this host (0: the config's batch
     size); ``storage_dtype``: float32 or float16 for the float members."""
-    from ipadapter_jax.train.setup import tiny_world_paths
+    from ipadapter_jax.train.setup import model_and_shards
 
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype={storage_dtype!r}: choose one of {STORAGE_DTYPES}")
     process_index, process_count = resolve_process(process_index, process_count)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir, source = tiny_world_paths(config, out_dir)
+    model_dir, source = model_and_shards(config, out_dir)
     image_encoder_dir = image_encoder_folder(model_dir, config.model.image_encoder_dir)
     frozen_models = load_frozen_models(model_dir, image_encoder_dir, compute_dtype=config.model.compute_dtype,
                                        attention_implementation=config.model.attention_implementation)

@@ -1,13 +1,11 @@
-"""Tiny synthetic data for tests and smoke runs: encoded images, webdataset shards, and a small
-CLIP-style BPE tokenizer folder. Nothing is downloaded.
+"""Tiny synthetic data for tests and smoke runs: random and encoded images, and webdataset shards of them.
+Nothing is downloaded. (The one CLIP tokenizer writer is ``toy.toy_tokenizer.write_toy_tokenizer``.)
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import string
 import tarfile
 from collections.abc import Sequence
 
@@ -16,9 +14,6 @@ from PIL import Image
 
 from ipadapter_jax.atomic_files import atomic_path
 from ipadapter_jax.data.tar_samples import add_member
-
-_TOKEN_CHARS = string.ascii_lowercase + string.digits + ".,!?'-"
-_TOKEN_MERGES = ("a t</w>", "c at</w>", "d o", "do g</w>", "t h", "th e</w>", "r e", "re d</w>")
 
 
 def random_image(height: int, width: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -72,22 +67,3 @@ def write_image_shard(
 
 def hash_key(key: str, seed: int = 0) -> int:
     return int.from_bytes(key.encode("utf-8")[-8:].rjust(8, b"\0"), "little") ^ seed
-
-
-def write_tiny_clip_tokenizer(folder: str | os.PathLike) -> str:
-    """A CLIP-style byte-level BPE tokenizer folder (vocab.json + merges.txt) with a few dozen
-    tokens: single characters (with and without the ``</w>`` end-of-word mark) and a few merges."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for char in _TOKEN_CHARS:
-            vocab[char + suffix] = len(vocab)
-    for merge in _TOKEN_MERGES:
-        left, right = merge.split()
-        vocab[left + right] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(_TOKEN_MERGES) + "\n")
-    return folder

@@ -16,7 +16,6 @@ from ipadapter_jax.models.image_projection import (FACEID_PLUS, ProjectionConfig
                                                    projection_module)
 from ipadapter_jax.models.lora import LORA_PROJECTIONS, attention_layer_names, lora_variables
 from ipadapter_jax.models.unet_config import UNetConfig
-from ipadapter_jax.weights.torch_layout import flax_path_of
 
 
 @dataclasses.dataclass
@@ -76,10 +75,8 @@ def new_ip_adapter(unet_config: UNetConfig, unet_params: dict, projection: Proje
                          f"{unet_config.cross_attention_dim}")
     image_proj = projection_module(projection).init(rng, dummy_projection_input(projection))["params"]
     layers = []
-    for name, _ in unet_config.cross_attention_layers():
-        node = unet_params
-        for part in flax_path_of(name + ".x")[:-1]:
-            node = node[part]
+    for layer in unet_config.cross_attention_layers():
+        node = layer.subtree(unet_params)
         layers.append({"to_k_ip": jnp.asarray(node["to_k"]["kernel"], jnp.float32),
                        "to_v_ip": jnp.asarray(node["to_v"]["kernel"], jnp.float32)})
     return IPAdapter(projection, {"image_proj": image_proj, "layers": layers})
@@ -130,30 +127,22 @@ def adapter_variables(unet_config: UNetConfig, layer_params: Sequence[Sequence[d
       ``lora_scale`` and diffusers' ``set_adapters`` weight default to 1; independent of ``scales``).
     Returns ``{"ip_adapter": tree, "ip_scale": tree}`` to merge into the variables passed to ``apply``.
     """
-    names = [name for name, _ in unet_config.cross_attention_layers()]
+    unet_layers = unet_config.cross_attention_layers()
     for a, layers in enumerate(layer_params):
-        if len(layers) != len(names):
-            raise ValueError(f"adapter {a} has {len(layers)} layers, the UNet has {len(names)} cross-attentions")
+        if len(layers) != len(unet_layers):
+            raise ValueError(f"adapter {a} has {len(layers)} layers, the UNet has {len(unet_layers)} cross-attentions")
     weights: dict = {}
     scale_tree: dict = {}
-    for i, name in enumerate(names):
-        path = flax_path_of(name + ".x")[:-1]
-        node = weights
-        for part in path:
-            node = node.setdefault(part, {})
+    for i, unet_layer in enumerate(unet_layers):
+        node = unet_layer.subtree_in(weights)
         node["to_k_ip"] = jnp.stack([layers[i]["to_k_ip"] for layers in layer_params])
         node["to_v_ip"] = jnp.stack([layers[i]["to_v_ip"] for layers in layer_params])
         if scales is not None:
-            node = scale_tree
-            for part in path:
-                node = node.setdefault(part, {})
-            node["scale"] = jnp.asarray(scales, jnp.float32)[:, i]
-    attention_names = attention_layer_names(names)
-    for name, entry in zip(attention_names, lora_variables(len(attention_names), loras or [], lora_scales)):
-        node = weights
-        for part in flax_path_of(name + ".x")[:-1]:
-            node = node.setdefault(part, {})
-        node.update(entry)
+            unet_layer.subtree_in(scale_tree)["scale"] = jnp.asarray(scales, jnp.float32)[:, i]
+    # LoRA entries in lora.attention_layer_names order: each block's self-attention, then its cross-attention.
+    attentions = [a for layer in unet_layers for a in (layer.self_attention, layer)]
+    for attention, entry in zip(attentions, lora_variables(len(attentions), loras or [], lora_scales)):
+        attention.subtree_in(weights).update(entry)
     out = {ADAPTER_COLLECTION: weights}
     if scales is not None:
         out[SCALE_COLLECTION] = scale_tree

@@ -42,18 +42,9 @@ def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bnqk,bknh->bqnh", weights, v)
 
 
-# The seam for accelerator kernels: a new implementation registers a function of the same signature.
-ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {
-    "xla": _xla_attention,
-    "einsum": _einsum_attention,
-}
-
-
-def register_attention_implementation(name: str, fn: AttentionFn) -> None:
-    ATTENTION_IMPLEMENTATIONS[name] = fn
-
-
 AUTO = "auto"
+# Every name ``attention_function`` knows, plus "auto"; configs and the pipeline validate against these.
+IMPLEMENTATIONS = (AUTO, "xla", "pallas", "pallas_interpret", "einsum")
 
 
 def resolve_attention_implementation(implementation: str, platform: str) -> str:
@@ -67,19 +58,29 @@ def resolve_attention_implementation(implementation: str, platform: str) -> str:
 
 
 def attention_function(implementation: str) -> AttentionFn:
-    """The registered function, importing the Pallas kernels on first use: they pull in Pallas' TPU module,
-    which a CPU-only sampling or training run should not pay for."""
-    if implementation not in ATTENTION_IMPLEMENTATIONS and implementation.startswith("pallas"):
-        from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas", "pallas_interpret")
-    try:
-        return ATTENTION_IMPLEMENTATIONS[implementation]
-    except KeyError:
-        if implementation == AUTO:
-            raise ValueError('attention implementation "auto" must be resolved for the target devices first '
-                             "(resolve_attention_implementation)") from None
-        raise ValueError(
-            f"unknown attention implementation {implementation!r}; known: {sorted(ATTENTION_IMPLEMENTATIONS)}"
-        ) from None
+    """The attention function an implementation name stands for. The Pallas kernels are imported only when
+    asked for: they pull in Pallas' TPU module, which a CPU-only sampling or training run should not pay for.
+    Pallas hands key sequences shorter than ``pallas_attention.MIN_KV_TOKENS`` to the XLA formulation."""
+    if implementation == "xla":
+        return _xla_attention
+    if implementation == "einsum":
+        return _einsum_attention
+    if implementation in ("pallas", "pallas_interpret"):
+        from ipadapter_jax.models.pallas_attention import MIN_KV_TOKENS, flash_attention
+
+        interpret = implementation == "pallas_interpret"
+
+        def pallas(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            if k.shape[1] < MIN_KV_TOKENS:
+                return _xla_attention(q, k, v)
+            return flash_attention(q, k, v, interpret=interpret)
+
+        return pallas
+    if implementation == AUTO:
+        raise ValueError('attention implementation "auto" must be resolved for the target devices first '
+                         "(resolve_attention_implementation)")
+    raise ValueError(f"unknown attention implementation {implementation!r}; known: "
+                     f"{sorted(set(IMPLEMENTATIONS) - {AUTO})}")
 
 
 def dot_product_attention(
@@ -90,7 +91,7 @@ def dot_product_attention(
     Args:
       q: ``[batch, q_tokens, heads, head_dim]``.
       k, v: ``[batch, kv_tokens, heads, head_dim]``.
-      implementation: a key of ``ATTENTION_IMPLEMENTATIONS``.
+      implementation: a name ``attention_function`` knows ("xla", "pallas", "pallas_interpret", "einsum").
       upcast: compute in float32 whatever the input dtype (diffusers' ``upcast_attention``), cast back.
     Returns:
       ``[batch, q_tokens, heads, head_dim]`` in q's dtype.

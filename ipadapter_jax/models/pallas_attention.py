@@ -1,11 +1,11 @@
-"""Flash attention as Pallas TPU kernels (forward and backward), registered as attention implementations.
+"""Flash attention as Pallas TPU kernels (forward and backward), the "pallas" attention implementations.
 
 Why: at 64x64 latents the UNet's self-attention has 4096 tokens, so XLA's attention materialises
 ``[batch, heads, 4096, 4096]`` logits and probabilities in HBM (268 MB per image per layer in bf16, kept for
 the backward pass). These kernels stream key/value blocks through VMEM with an online softmax and keep only
 one log-sum-exp per query row for the backward pass, which recomputes the probabilities block by block.
 
-Implementations registered with ``models.attention``:
+The implementations ``models.attention.attention_function`` builds on ``flash_attention``:
   - ``"pallas"``: the Mosaic TPU kernels (needs a TPU, or a TPU compile target as ``tools.tpu_plan`` uses),
     for long key sequences; short ones (cross-attention over 77 text or 4..16 image tokens, self-attention
     at 16x16 latents and below) go to XLA, whose fused attention is cheap there and which the kernels'
@@ -34,8 +34,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec
-
-from ipadapter_jax.models.attention import attention_function, register_attention_implementation
 
 # Key sequences shorter than this use XLA (see module docstring).
 MIN_KV_TOKENS = 512
@@ -334,19 +332,3 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 
         return local(q, k, v)
     spec = PartitionSpec(axes)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
-
-
-def _dispatch(interpret: bool):
-    def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        if k.shape[1] < MIN_KV_TOKENS:
-            return attention_function("xla")(q, k, v)  # the project's XLA formulation, as without Pallas
-        return flash_attention(q, k, v, interpret=interpret)
-
-    return attention
-
-
-pallas_attention = _dispatch(interpret=False)
-pallas_attention_interpret = _dispatch(interpret=True)
-
-register_attention_implementation("pallas", pallas_attention)
-register_attention_implementation("pallas_interpret", pallas_attention_interpret)

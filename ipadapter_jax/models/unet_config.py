@@ -9,7 +9,7 @@ or a list.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 CROSS_ATTN_DOWN = "CrossAttnDownBlock2D"
 PLAIN_DOWN = "DownBlock2D"
@@ -37,6 +37,43 @@ _REQUIRED_DEFAULTS = {
     "timestep_post_act": None,
     "time_embedding_act_fn": None,
 }
+
+
+class AttentionLayer(NamedTuple):
+    """One attention module of the UNet: a cross-attention (``attn2``), the unit an IP-Adapter attaches its
+    k/v weights to, or its transformer block's self-attention (``attn1``, where FaceID LoRAs also sit)."""
+
+    name: str  # diffusers' module name: "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    width: int  # its inner width (to_k / to_v output features)
+
+    @property
+    def self_attention(self) -> "AttentionLayer":
+        """The same transformer block's ``attn1``."""
+        return AttentionLayer(self.name.rsplit(".", 1)[0] + ".attn1", self.width)
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """The module's path in our Flax trees (params, ``ip_adapter`` and ``ip_scale`` collections):
+        diffusers' list indices join the list's name, ``("down_blocks_0", "attentions_0", ..., "attn2")``."""
+        out: list[str] = []
+        for part in self.name.split("."):
+            if part.isdigit():
+                out[-1] = f"{out[-1]}_{part}"
+            else:
+                out.append(part)
+        return tuple(out)
+
+    def subtree(self, tree: Mapping[str, Any]) -> Any:
+        """The node of ``tree`` (a Flax param tree of the whole UNet) at this layer's path."""
+        for part in self.path:
+            tree = tree[part]
+        return tree
+
+    def subtree_in(self, tree: dict) -> dict:
+        """The node of ``tree`` at this layer's path, created (empty) on the way where missing."""
+        for part in self.path:
+            tree = tree.setdefault(part, {})
+        return tree
 
 
 def _per_block(value: Any, n: int, name: str) -> tuple:
@@ -162,26 +199,33 @@ class UNetConfig:
     def up_transformer_layers(self) -> tuple[int, ...]:
         return self.reverse_transformer_layers_per_block or tuple(reversed(self.transformer_layers_per_block))
 
-    def cross_attention_layers(self) -> list[tuple[str, int]]:
-        """``(diffusers module name, inner width)`` of every cross-attention, in the order diffusers'
-        ``attn_processors`` enumerates them (down blocks, up blocks, then the mid block): the order the
-        IP-Adapter file format numbers its ``to_k_ip``/``to_v_ip`` keys (``2*i+1``)."""
+    @property
+    def is_sdxl(self) -> bool:
+        """The one SDXL check of the project: the UNet takes SDXL's added conditioning (pooled text embeds and
+        size/crop time ids, ``addition_embed_type="text_time"``), so the base has SDXL's two text encoders."""
+        return self.addition_embed_type == "text_time"
+
+    def cross_attention_layers(self) -> list[AttentionLayer]:
+        """Every cross-attention (``(diffusers module name, inner width)``, with its Flax path), in the order
+        diffusers' ``attn_processors`` enumerates them (down blocks, up blocks, then the mid block): the order
+        the IP-Adapter file format numbers its ``to_k_ip``/``to_v_ip`` keys (``2*i+1``)."""
         layers = []
         for i, kind in enumerate(self.down_block_types):
             if kind == CROSS_ATTN_DOWN:
                 for j in range(self.layers_per_block[i]):
                     for t in range(self.transformer_layers_per_block[i]):
-                        layers.append((f"down_blocks.{i}.attentions.{j}.transformer_blocks.{t}.attn2",
-                                       self.block_out_channels[i]))
+                        layers.append(AttentionLayer(
+                            f"down_blocks.{i}.attentions.{j}.transformer_blocks.{t}.attn2", self.block_out_channels[i]))
         reversed_channels = tuple(reversed(self.block_out_channels))
         reversed_layers = tuple(reversed(self.layers_per_block))
         for i, kind in enumerate(self.up_block_types):
             if kind == CROSS_ATTN_UP:
                 for j in range(reversed_layers[i] + 1):
                     for t in range(self.up_transformer_layers[i]):
-                        layers.append((f"up_blocks.{i}.attentions.{j}.transformer_blocks.{t}.attn2",
-                                       reversed_channels[i]))
+                        layers.append(AttentionLayer(
+                            f"up_blocks.{i}.attentions.{j}.transformer_blocks.{t}.attn2", reversed_channels[i]))
         if self.mid_block_type == CROSS_ATTN_MID:
             for t in range(self.transformer_layers_per_block[-1]):
-                layers.append((f"mid_block.attentions.0.transformer_blocks.{t}.attn2", self.block_out_channels[-1]))
+                layers.append(AttentionLayer(f"mid_block.attentions.0.transformer_blocks.{t}.attn2",
+                                                  self.block_out_channels[-1]))
         return layers

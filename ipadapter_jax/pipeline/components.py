@@ -9,6 +9,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ipadapter_jax.conditioning import TEXT_ENCODERS, TOKENIZERS, clip_processing_config, text_encoder_names
 from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.models.unet_config import UNetConfig
@@ -17,8 +18,9 @@ from ipadapter_jax.weights.load_unet import load_unet
 from ipadapter_jax.weights.load_vae import load_vae
 from ipadapter_jax.weights.safetensors_io import WeightFileError, read_json
 
-SD, SDXL = "sd", "sdxl"
-_KINDS = {"StableDiffusionPipeline": SD, "StableDiffusionXLPipeline": SDXL}
+# The diffusers pipeline classes whose folders this loads (SD 1.x/2.x, SDXL); which of the two a folder is,
+# its UNet config says (``UNetConfig.is_sdxl``).
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -36,7 +38,6 @@ class BaseModel:
     """The frozen Stable Diffusion parts. ``text_encoders``/``tokenizers`` have one entry for SD, two for
     SDXL (CLIP ViT-L then OpenCLIP bigG, as diffusers orders them)."""
 
-    kind: str
     folder: Path
     unet: Encoder
     vae: Encoder
@@ -48,6 +49,15 @@ class BaseModel:
     @property
     def unet_config(self) -> UNetConfig:
         return self.unet.config
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet_config.is_sdxl
+
+    @property
+    def text_params(self) -> dict:
+        """The text encoders' params by ``conditioning.TEXT_ENCODERS`` name."""
+        return dict(zip(TEXT_ENCODERS, [e.params for e in self.text_encoders]))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -69,40 +79,28 @@ def resolve_dtype(dtype: Any) -> Any:
 
 
 def load_base_model(folder: str | Path, dtype: Any = "float32") -> BaseModel:
-    """Read ``model_index.json`` to tell SD from SDXL, then each component folder."""
+    """Read ``model_index.json`` (a pipeline class this loads), then each component folder."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
-    kind = _KINDS.get(index.get("_class_name"))
-    if kind is None:
+    if index.get("_class_name") not in PIPELINE_CLASSES:
         raise WeightFileError(f"{folder}/model_index.json: _class_name {index.get('_class_name')!r} is not one of "
-                              f"{sorted(_KINDS)}")
+                              f"{sorted(PIPELINE_CLASSES)}")
     dtype = resolve_dtype(dtype)
-    names = ["text_encoder"] + (["text_encoder_2"] if kind == SDXL else [])
-    tokenizers = ["tokenizer"] + (["tokenizer_2"] if kind == SDXL else [])
+    unet = Encoder(*load_unet(folder / "unet", dtype))
+    names = text_encoder_names(unet.config.is_sdxl)
     return BaseModel(
-        kind=kind,
         folder=folder,
-        unet=Encoder(*load_unet(folder / "unet", dtype)),
+        unet=unet,
         vae=Encoder(*load_vae(folder / "vae", dtype)),
         text_encoders=[Encoder(*load_clip_text_encoder(folder / n, dtype)) for n in names],
-        tokenizers=[CaptionTokenizer(folder / t) for t in tokenizers],
+        tokenizers=[CaptionTokenizer(folder / t) for t in TOKENIZERS[:len(names)]],
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind == SDXL)),
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", unet.config.is_sdxl)),
     )
 
 
 def load_image_encoder(folder: str | Path, dtype: Any = "float32", base_folder: Path | None = None) -> ImageEncoder:
-    """The CLIP image encoder and its preprocessing: the base model's ``feature_extractor/`` when it has one
-    (as diffusers' pipelines use), else the encoder folder's ``preprocessor_config.json``, else diffusers'
-    default (``CLIPImageProcessor`` at the encoder's image size)."""
-    folder = Path(folder)
-    encoder = Encoder(*load_clip_vision_encoder(folder, resolve_dtype(dtype)))
-    candidates = ([base_folder / "feature_extractor"] if base_folder else []) + [folder]
-    for candidate in candidates:
-        if (candidate / "preprocessor_config.json").is_file():
-            processing = ClipImageProcessingConfig.from_dict(read_json(candidate / "preprocessor_config.json"))
-            break
-    else:
-        size = encoder.config.image_size
-        processing = ClipImageProcessingConfig(shortest_edge=size, crop_height=size, crop_width=size)
-    return ImageEncoder(encoder, processing)
+    """The CLIP image encoder and its preprocessing (``conditioning.clip_processing_config``: the base
+    model's ``feature_extractor/``, else the encoder folder's, else diffusers' default)."""
+    encoder = Encoder(*load_clip_vision_encoder(Path(folder), resolve_dtype(dtype)))
+    return ImageEncoder(encoder, clip_processing_config(folder, encoder.config.image_size, base_dir=base_folder))

@@ -1,14 +1,25 @@
 """The whole text+image-to-image generation as one jitted function: project the image prompt, run every
 sampler step with classifier-free guidance under ``lax.fori_loop``, decode with the VAE.
 
-Nothing here depends on how inputs were encoded, so the pipeline, the training loop's validation grids and
-benchmarks share it.
+Nothing here depends on how inputs were encoded, so the pipeline, the training loop's validation grids,
+the sampler plan and benchmarks share it. ``generate(settings, weights, inputs)`` takes three things:
+
+- ``GenerateSettings``: what the program is compiled for (modules, adapter projections, guidance on/off).
+  Frozen and hashed: a new value compiles a new program.
+- ``GenerateWeights``: the UNet's, the VAE decoder's and the adapters' params (placed once, reused).
+- ``GenerateInputs``: the per-call arrays (noise, sampler, conditioning, scales, guidance scale).
+
+A new generation mode (ControlNet residuals, an img2img start step, inpainting masks, IP-Adapter attention
+masks, per-step scale schedules) adds a field to the settings (static: the extra module or option, defaulting
+to off) and/or to the inputs (arrays, defaulting to None), and reads them in ``guided_prediction`` or
+``generate``; the signature, and every caller that does not use the mode, stay as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,55 +31,107 @@ from ipadapter_jax.models.image_projection import ProjectionConfig, projection_m
 from ipadapter_jax.models.unet_config import UNetConfig
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "unet_config", "projections", "guided", "decode"))
-def generate(
-    unet: nn.Module,
-    unet_config: UNetConfig,
-    projections: tuple[ProjectionConfig, ...],
-    guided: bool,
-    decode: Any,
-    unet_params: Any,
-    decoder_params: Any,
-    adapter_params: Sequence[Any],
-    scales: jax.Array,
-    sampler: Any,
-    noise: jax.Array,
-    context: jax.Array,
-    added_cond: dict | None,
-    image_features: Sequence[jax.Array],
-    guidance_scale: jax.Array,
-) -> jax.Array:
-    """Images ``[B, H, W, 3]`` in [0, 1] (float32).
+@dataclasses.dataclass(frozen=True)
+class GenerateSettings:
+    """The static half of a generation: part of the compiled program's cache key, so every field is hashable
+    and compared by value (keep one ``decode`` object for a pipeline's lifetime: functions compare by
+    identity).
 
-    noise: ``[B, h, w, 4]`` unit-variance starting latents (NHWC).
-    context, added_cond: text conditioning, ``[2B, T, C]`` negative half first when ``guided``, else ``[B, ...]``.
-    image_features: per adapter, the encoder output the projection net takes, negative half first when
-      ``guided`` (zero embedding / zero-image hidden states), batch 1 or full batch.
-    scales: ``[num_adapters, num_cross_attention_layers]``.
-    decode: ``latents -> images in [-1, 1]`` given ``decoder_params`` (static; hashable).
+    unet: the UNet module (its dtype is the compute dtype); unet_config: its config.
+    decode: ``(decoder_params, latents) -> images in [-1, 1]``.
+    projections: one ``ProjectionConfig`` per IP-Adapter, in the order of ``GenerateWeights.adapters``.
+    guided: classifier-free guidance (conditioning carries a negative half first).
     """
-    dtype = unet.dtype or jnp.float32
-    batch = noise.shape[0]
-    copies = 2 if guided else 1
+
+    unet: nn.Module
+    unet_config: UNetConfig
+    decode: Callable[[Any, jax.Array], jax.Array]
+    projections: tuple[ProjectionConfig, ...] = ()
+    guided: bool = True
+
+    @property
+    def copies(self) -> int:
+        """UNet batch halves per latent: negative and positive when guided."""
+        return 2 if self.guided else 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GenerateWeights:
+    """unet: UNet params; decoder: what ``settings.decode`` takes; adapters: per adapter
+    ``{"image_proj": ..., "layers": [...]}`` (``IPAdapter.params``)."""
+
+    unet: Any
+    decoder: Any
+    adapters: Sequence[Any] = ()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GenerateInputs:
+    """The per-call arrays.
+
+    noise: ``[B, h, w, C]`` unit-variance starting latents (NHWC).
+    sampler: the sampler state (``diffusion.samplers``: timesteps and coefficients as arrays).
+    context, added_cond: text conditioning, ``[copies * B, T, C]`` (negative half first when guided), and
+      SDXL's ``{"text_embeds", "time_ids"}`` likewise (None for SD).
+    image_features: per adapter, the encoder output its projection net takes, negative half first when
+      guided (zero embedding / zero-image hidden states), batch ``copies`` (one reference for the whole
+      batch) or ``copies * B``.
+    scales: ``[num_adapters, num_cross_attention_layers]`` IP-Adapter scales.
+    guidance_scale: scalar float32.
+    """
+
+    noise: jax.Array
+    sampler: Any
+    context: jax.Array
+    added_cond: dict | None = None
+    image_features: Sequence[jax.Array] = ()
+    scales: jax.Array | None = None
+    guidance_scale: jax.Array | None = None
+
+
+def unet_variables(settings: GenerateSettings, weights: GenerateWeights, scales: jax.Array | None) -> dict:
+    """The UNet's variables: its params, plus the adapters' ``ip_adapter`` / ``ip_scale`` collections."""
+    variables = {"params": weights.unet}
+    if settings.projections:
+        variables.update(adapter_variables(settings.unet_config, [p["layers"] for p in weights.adapters], scales))
+    return variables
+
+
+def image_tokens(settings: GenerateSettings, weights: GenerateWeights, inputs: GenerateInputs) -> list[jax.Array]:
+    """Each adapter's image tokens ``[copies * B, num_tokens, C]`` in the compute dtype."""
+    dtype = settings.unet.dtype or jnp.float32
+    batch = inputs.noise.shape[0]
     tokens = []
-    for projection, params, features in zip(projections, adapter_params, image_features):
+    for projection, params, features in zip(settings.projections, weights.adapters, inputs.image_features):
         t = projection_module(projection).apply({"params": params["image_proj"]}, features.astype(jnp.float32))
-        if t.shape[0] == copies:  # one reference image (per half) conditions the whole batch
+        if t.shape[0] == settings.copies:  # one reference image (per half) conditions the whole batch
             t = jnp.repeat(t, batch, axis=0)
         tokens.append(t.astype(dtype))
-    variables = {"params": unet_params}
-    if projections:
-        variables.update(adapter_variables(unet_config, [p["layers"] for p in adapter_params], scales))
+    return tokens
 
-    def denoise(latents, t):
-        x = jnp.concatenate([latents] * copies).astype(dtype)
-        out = unet.apply(variables, x, jnp.broadcast_to(t, (x.shape[0],)), context.astype(dtype), added_cond,
-                         image_tokens=tokens).astype(jnp.float32)
-        if guided:
-            uncond, cond = jnp.split(out, 2)
-            out = uncond + guidance_scale * (cond - uncond)
-        return out
 
-    latents = sample_loop(sampler, denoise, noise.astype(jnp.float32))
-    images = decode(decoder_params, latents)
+def guided_prediction(settings: GenerateSettings, variables: dict, tokens: Sequence[jax.Array],
+                      inputs: GenerateInputs, latents: jax.Array, t: jax.Array) -> jax.Array:
+    """One step's model output for ``latents [B, h, w, C]`` at timestep ``t``: the UNet on every half, then
+    classifier-free guidance. The loop body of ``generate`` (and what the sampler plan compiles once more)."""
+    dtype = settings.unet.dtype or jnp.float32
+    x = jnp.concatenate([latents] * settings.copies).astype(dtype)
+    out = settings.unet.apply(variables, x, jnp.broadcast_to(t, (x.shape[0],)), inputs.context.astype(dtype),
+                              inputs.added_cond, image_tokens=list(tokens)).astype(jnp.float32)
+    if settings.guided:
+        uncond, cond = jnp.split(out, 2)
+        out = uncond + inputs.guidance_scale * (cond - uncond)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def generate(settings: GenerateSettings, weights: GenerateWeights, inputs: GenerateInputs) -> jax.Array:
+    """Images ``[B, H, W, 3]`` in [0, 1] (float32)."""
+    variables = unet_variables(settings, weights, inputs.scales)
+    tokens = image_tokens(settings, weights, inputs)
+    denoise = functools.partial(guided_prediction, settings, variables, tokens, inputs)
+    latents = sample_loop(inputs.sampler, denoise, inputs.noise.astype(jnp.float32))
+    images = settings.decode(weights.decoder, latents)
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)

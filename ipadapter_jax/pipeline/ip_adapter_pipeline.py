@@ -18,9 +18,9 @@ from ipadapter_jax.diffusion.samplers import describe_sampler, from_diffusers_co
 from ipadapter_jax.models.adapter import IPAdapter, check_adapter_fits
 from ipadapter_jax.models.ip_scales import resolve_ip_scales
 from ipadapter_jax.models.vae import decode_latents
+from ipadapter_jax.conditioning import image_prompt_features, prompt_conditioning
 from ipadapter_jax.pipeline.components import BaseModel, ImageEncoder, load_base_model, load_image_encoder
-from ipadapter_jax.pipeline.conditioning import as_image_list, encode_image_prompt, encode_text, pil_or_array
-from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.pipeline.denoise import GenerateInputs, GenerateSettings, GenerateWeights, generate
 from ipadapter_jax.pipeline.image_encoders import check_encoder_fits, image_encoder_dirs
 from ipadapter_jax.models.attention import resolve_attention_implementation
 from ipadapter_jax.pipeline.sharded_batch import local_mesh, place_generate_inputs, place_replicated
@@ -145,9 +145,9 @@ class IPAdapterPipeline:
     def generate_args(self, prompt, ip_adapter_image=None, ip_scale=0.6, negative_prompt=None,
                       num_inference_steps=50, guidance_scale=7.5, height=None, width=None, latents=None, seed=0,
                       scheduler=None, num_images_per_prompt=1) -> tuple[tuple, int]:
-        """The arguments ``pipeline.denoise.generate`` is called with (inputs placed on the mesh, the batch
-        padded to a multiple of its devices) and the true batch size. ``generate.lower(*args)`` compiles what a
-        call runs."""
+        """The arguments ``pipeline.denoise.generate`` is called with, ``(settings, weights, inputs)`` (inputs
+        placed on the mesh, the batch padded to a multiple of its devices), and the true batch size.
+        ``generate.lower(*args)`` compiles what a call runs."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None if negative_prompt is None else (
             [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
@@ -175,26 +175,31 @@ class IPAdapterPipeline:
                 raise ValueError(f"latents must be (batch, 4, h/8, w/8) = {(shape[0], shape[3], *shape[1:3])}, "
                                  f"got {tuple(np.shape(latents))}")
 
-        context, added = encode_text(self.base, prompts, negatives, guided, height, width)
+        base = self.base
+        context, added = prompt_conditioning(
+            [e.module for e in base.text_encoders], base.text_params, base.tokenizers, prompts, negatives, guided,
+            height, width, zeros_for_empty_negative=base.is_sdxl and base.force_zeros_for_empty_prompt)
         adapters, features = self._image_conditioning(ip_adapter_image, guided)
         scales = resolve_ip_scales(self.base.unet_config, ip_scale, len(adapters)) if adapters else np.zeros((0, 0))
         noise, context, added, features, batch = place_generate_inputs(
             self.mesh, self.mesh_config, noise, context, added, features, 2 if guided else 1)
         scales, sampler, guidance = place_replicated(
             (np.asarray(scales, np.float32), sampler, np.asarray(guidance_scale, np.float32)), self.mesh)
-        args = (self.base.unet.module, self.base.unet_config, tuple(a.projection for a in adapters), guided,
-                self._decode, self.base.unet.params, self.base.vae.params, [a.params for a in adapters],
-                scales, sampler, noise, context, added, features, guidance)
-        return args, batch
+        settings = GenerateSettings(self.base.unet.module, self.base.unet_config, self._decode,
+                                    tuple(a.projection for a in adapters), guided)
+        weights = GenerateWeights(self.base.unet.params, self.base.vae.params, [a.params for a in adapters])
+        inputs = GenerateInputs(noise, sampler, context, added, features, scales, guidance)
+        return (settings, weights, inputs), batch
 
     def _image_conditioning(self, ip_adapter_image, guided: bool):
         if ip_adapter_image is None or not self.adapters:
             return [], []
-        images = as_image_list(ip_adapter_image)
+        images = list(ip_adapter_image) if isinstance(ip_adapter_image, (list, tuple)) else [ip_adapter_image]
         if len(images) != len(self.adapters):
             raise ValueError(f"{len(images)} reference images for {len(self.adapters)} IP-Adapters: give one per "
                              f"adapter")
-        features = [encode_image_prompt(encoder, adapter.projection, [pil_or_array(image)], guided)
+        features = [image_prompt_features(encoder.encoder.module, encoder.encoder.params, encoder.processing, [image],
+                                          adapter.projection.uses_hidden_states, guided)
                     for adapter, encoder, image in zip(self.adapters, self.image_encoders, images)]
         return self.adapters, features
 

@@ -41,7 +41,6 @@ def plan(config: Any, topology_name: str, what: str = "train", latents: str = "o
          ) -> tuple[Any, Any]:
     """Compile and measure. ``config``: a ConfigDict / dict / ``TrainConfig``. Returns ``(PlanFigures,
     Program)``; ``log`` gets progress lines; ``hlo_path``: where to write the compiled HLO text."""
-    from ipadapter_jax.models import pallas_attention  # noqa: F401  (registers "pallas")
     from ipadapter_jax.plan.figures import add_repeats, figures_from_compiled
     from ipadapter_jax.plan.programs import sample_program, train_program
     from ipadapter_jax.plan.reference_models import guess_base, model_configs

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from ipadapter_jax.diffusion.samplers import make_sampler
-from ipadapter_jax.models.adapter import adapter_variables
 from ipadapter_jax.models.vae import decode_latents
-from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.pipeline.denoise import (GenerateInputs, GenerateSettings, GenerateWeights, generate,
+                                            guided_prediction, unet_variables)
 from ipadapter_jax.train.program import abstract_tree
 
 LATENT_PATHS = ("online", "cached")
@@ -134,15 +134,11 @@ def train_program(config: Any, devices: list, configs: dict, latents: str = "onl
     )
 
 
-def _guided_unet_step(unet, unet_config, unet_params, adapter_layers, scales, latents, t, context, added, tokens,
-                      guidance_scale):
-    """One iteration of ``generate``'s loop body: the UNet on both halves and the guidance combination."""
-    variables = {"params": unet_params, **adapter_variables(unet_config, [adapter_layers], scales)}
-    x = jnp.concatenate([latents] * 2).astype(unet.dtype)
-    out = unet.apply(variables, x, jnp.broadcast_to(t, (x.shape[0],)), context.astype(unet.dtype), added,
-                     image_tokens=[tokens]).astype(jnp.float32)
-    uncond, cond = jnp.split(out, 2)
-    return uncond + guidance_scale * (cond - uncond)
+def _guided_unet_step(settings: GenerateSettings, weights: GenerateWeights, inputs: GenerateInputs, tokens, t):
+    """One iteration of ``generate``'s loop body (the UNet on both halves and the guidance combination), on
+    latents shaped like ``inputs.noise``."""
+    variables = unet_variables(settings, weights, inputs.scales)
+    return guided_prediction(settings, variables, [tokens], inputs, inputs.noise, t)
 
 
 def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Program:
@@ -197,26 +193,28 @@ def sample_program(config: Any, devices: list, configs: dict, batch: int) -> Pro
     scales = jax.ShapeDtypeStruct((1, num_layers), f32, sharding=rep)
     guidance = jax.ShapeDtypeStruct((), f32, sharding=rep)
 
-    def run_generate(unet, vae, weights, sampler, noise, context, added, features, scales, guidance):
-        decode = functools.partial(decode_latents, vae)
-        return generate(unet, cfg, (projection,), True, decode, weights["unet"], weights["vae"], [weights["adapter"]],
-                        scales, sampler, noise, context, added, features, guidance)
+    def settings_for(unet, vae) -> GenerateSettings:
+        return GenerateSettings(unet, cfg, functools.partial(decode_latents, vae), (projection,), guided=True)
 
-    jitted = jax.jit(functools.partial(run_generate, modules.unet, modules.vae))
-    args = (weights, abstract_sampler, noise, context, added, features, scales, guidance)
+    settings = settings_for(modules.unet, modules.vae)
+    jitted = jax.jit(functools.partial(generate, settings))
+    args = (GenerateWeights(weights["unet"], weights["vae"], [weights["adapter"]]),
+            GenerateInputs(noise, abstract_sampler, context, added, features, scales, guidance))
 
     model_modules, _ = abstract_frozen_models(configs, m.compute_dtype, "xla", False, platform)
     # Both the UNet's and the VAE decoder's attention in XLA: the model count lowers for CPU.
-    model_fn = functools.partial(run_generate, model_modules.unet, model_modules.vae)
+    model_settings = settings_for(model_modules.unet, model_modules.vae)
+    model_fn = functools.partial(generate, model_settings)
     model_args = abstract_tree(args)
 
-    # One more loop iteration, on its own, for what the cost model counts only once.
+    # One more loop iteration, on its own, for what the cost model counts only once: the UNet and the
+    # adapter layers, not the VAE, the projection net or the sampler's tables.
     tokens = jax.ShapeDtypeStruct((2 * batch, projection.num_tokens, cfg.cross_attention_dim), dtype)
-    t = jax.ShapeDtypeStruct((), f32, sharding=rep)
-    step_args = (weights["unet"], weights["adapter"]["layers"], scales, noise, t, context, added,
-                 abstract_tree(tokens, rep), guidance)
-    step = jax.jit(functools.partial(_guided_unet_step, modules.unet, cfg))
-    model_step = functools.partial(_guided_unet_step, model_modules.unet, cfg)
+    step_args = (GenerateWeights(weights["unet"], None, [{"layers": weights["adapter"]["layers"]}]),
+                 GenerateInputs(noise, None, context, added, (), scales, guidance), abstract_tree(tokens, rep),
+                 jax.ShapeDtypeStruct((), f32, sharding=rep))
+    step = jax.jit(functools.partial(_guided_unet_step, settings))
+    model_step = functools.partial(_guided_unet_step, model_settings)
 
     def extra_model_flops():
         from ipadapter_jax.plan.figures import model_flops

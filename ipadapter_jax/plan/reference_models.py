@@ -47,7 +47,7 @@ def guess_base(model_dir: str) -> str:
     """``sdxl`` when the folder's UNet config has SDXL's text_time embedding or its name says XL, else ``sd15``."""
     unet = Path(model_dir) / _FOLDER_FILES["unet"]
     if unet.is_file():
-        return "sdxl" if json.loads(unet.read_text()).get("addition_embed_type") == "text_time" else "sd15"
+        return "sdxl" if UNetConfig.from_diffusers(json.loads(unet.read_text())).is_sdxl else "sd15"
     return "sdxl" if "xl" in Path(model_dir).name.lower() else "sd15"
 
 
@@ -89,7 +89,7 @@ def abstract_frozen_models(configs: dict, compute_dtype: str, attention_implemen
     params = {"unet": _cast(unet_param_shapes(unet_config), dtype),
               "vae": _cast(vae_param_shapes(vae_config), dtype),
               "text_encoder": text_params}
-    sdxl = unet_config.addition_embed_type == "text_time"
+    sdxl = unet_config.is_sdxl
     if sdxl:
         _, params["text_encoder_2"] = init_clip_text_encoder(configs["text_encoder_2"], with_projection=True,
                                                              dtype=dtype, shapes_only=True)

@@ -2,10 +2,12 @@
 
     python -m ipadapter_jax.tools.config_reference > docs/CONFIG_REFERENCE.md
 
-Every field of ``configs/*.py`` is one assignment ``c.section.field = value  # comment``. This reads those
-assignments with ``ast`` (the value as written, so ``str(ASSETS / "base")`` stays an expression instead of
-becoming this machine's absolute path) and their trailing comments with ``tokenize``, and prints one
-Markdown table per section: field, the value in each config, and the comment. Reading the source rather than
+Every field of ``configs/*.py`` is one assignment ``c.section.field = value  # comment``: all of them in the
+base config (``sd15.py``), and in a config built on it (``c = sd15.get_config()``) the ones it overrides.
+This reads those assignments with ``ast`` (the value as written, so ``str(ASSETS / "base")`` stays an
+expression instead of becoming this machine's absolute path) and their trailing comments with ``tokenize``,
+following a config to its base, and prints one Markdown table per section: field, the value in each config,
+and the comment (an override's own, else the base's). Reading the source rather than
 calling ``get_config()`` keeps the output identical on every machine; ``tests/test_config_reference.py``
 checks that the committed file is what this prints, so the reference cannot go stale.
 """
@@ -34,8 +36,36 @@ class Field:
 
 
 def read_fields(path: Path) -> list[Field]:
-    """The ``c.<section>.<name> = value  # comment`` assignments of one config file, in file order."""
+    """Every field of one config file, in its base's order: the base's fields (``c = base.get_config()``,
+    ``base`` a config beside this one) with this file's ``c.<section>.<name> = value  # comment`` assignments
+    over them (an override without a comment keeps the base's), then any fields the base does not have."""
     source = path.read_text()
+    base = _base_config(source)
+    own = _own_fields(path, source)
+    if base is None:
+        return own
+    fields = {(f.section, f.name): f for f in read_fields(path.parent / f"{base}.py")}
+    for f in own:
+        inherited = fields.get((f.section, f.name))
+        fields[(f.section, f.name)] = f if f.comment or inherited is None else dataclasses.replace(
+            f, comment=inherited.comment)
+    return list(fields.values())
+
+
+def _base_config(source: str) -> str | None:
+    """``name`` when the config starts from ``c = name.get_config()``."""
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == "c" and isinstance(node.value, ast.Call)):
+            func = node.value.func
+            if (isinstance(func, ast.Attribute) and func.attr == "get_config"
+                    and isinstance(func.value, ast.Name)):
+                return func.value.id
+    return None
+
+
+def _own_fields(path: Path, source: str) -> list[Field]:
+    """The ``c.<section>.<name> = value  # comment`` assignments of the file itself, in file order."""
     comments = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
     fields = []

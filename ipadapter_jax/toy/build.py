@@ -26,13 +26,13 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ipadapter_jax.toy.base_folder import write_base_folder, write_clip_folder
-from ipadapter_jax.toy.mini_clip import MiniClipSettings, train_mini_clip
+from ipadapter_jax.toy.mini_clip import MiniClipSettings, train_mini_clip, write_clip_folder
 from ipadapter_jax.toy.shapes_dataset import SUPERSAMPLE, ShapeSpec, render
 from ipadapter_jax.toy.text_to_image_check import text_to_image_check
-from ipadapter_jax.toy.tiny_unet import TinyUnetSettings, train_tiny_unet
+from ipadapter_jax.toy.tiny_unet import SCHEDULER_CONFIG, TinyUnetSettings, train_tiny_unet
 from ipadapter_jax.toy.tiny_vae import TinyVaeSettings, train_tiny_vae
 from ipadapter_jax.toy.toy_tokenizer import write_toy_tokenizer
+from ipadapter_jax.weights.pipeline_folder import write_pipeline_folder
 
 EXAMPLE = ShapeSpec("blue", "square", "white", left=9 * SUPERSAMPLE, top=8 * SUPERSAMPLE, size=15 * SUPERSAMPLE)
 
@@ -99,7 +99,9 @@ def build(out: str | Path, settings: BuildSettings = BuildSettings(), log: Calla
     unet = train_tiny_unet(vae, text_module, text_params, tokenizer, settings.unet, log)
     log(f"  done in {unet.seconds:.0f}s; final loss {unet.final_loss:.4f}")
 
-    base = write_base_folder(out / "base", tokenizer_dir, clip, vae, unet)
+    base = write_pipeline_folder(out / "base", unet=(unet.raw_config, unet.params), vae=(vae.config, vae.params),
+                                 text_encoders=[clip.text_encoder()], tokenizer_dir=tokenizer_dir,
+                                 scheduler_config=SCHEDULER_CONFIG, image_encoder=clip.image_encoder())
     clip_dir = write_clip_folder(out / "clip", tokenizer_dir, clip)
     Image.fromarray(render(EXAMPLE)).save(out / "example.png")
 

@@ -14,6 +14,7 @@ projection), ``image_encoder/`` (``CLIPVisionModelWithProjection``, IP-Adapter's
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,9 +26,10 @@ import optax
 
 from ipadapter_jax.data.clip_image_processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ipadapter_jax.data.tokenize import CaptionTokenizer
-from ipadapter_jax.toy import transformers_folders as tf
 from ipadapter_jax.toy.shapes_dataset import IMAGE_SIZE, all_full_captions, make_examples
+from ipadapter_jax.weights import transformers_folders as tf
 from ipadapter_jax.weights.load_clip import init_clip_text_encoder, init_clip_vision_encoder
+from ipadapter_jax.weights.pipeline_folder import copy_tokenizer
 
 CLIP_STREAM, CLIP_EVAL_STREAM = 10, 11  # make_examples streams of the training and held-out images
 
@@ -67,35 +69,26 @@ class MiniClip:
     heldout_accuracy: float
     seconds: float
 
-    def save_text_encoder(self, folder) -> Path:
-        """SD's ``text_encoder/``: a ``CLIPTextModel`` (the projection is not part of it)."""
-        config = {**self.text_config, "architectures": ["CLIPTextModel"]}
-        return tf.write_transformers_folder(folder, config, {"text_model": self.text_params["text_model"]})
+    def text_encoder(self) -> tuple[dict, dict]:
+        """SD's ``text_encoder/`` as (transformers config, params): a ``CLIPTextModel`` (no projection)."""
+        return {**self.text_config, "architectures": ["CLIPTextModel"]}, {"text_model": self.text_params["text_model"]}
 
-    def save_image_encoder(self, folder) -> Path:
-        folder = tf.write_transformers_folder(folder, self.vision_config, self.vision_params)
-        image_size = self.vision_config["image_size"]
-        (folder / "preprocessor_config.json").write_text(
-            _json(tf.clip_image_processor_config(image_size)))
-        return folder
-
-    def save_clip_model(self, folder) -> Path:
-        """A full transformers ``CLIPModel`` folder (with ``preprocessor_config.json`` and the tokenizer files
-        are added by the caller)."""
-        config = tf.clip_model_config(self.text_config, self.vision_config, self.text_config["projection_dim"],
-                                      self.logit_scale)
-        params = {**self.text_params, **self.vision_params}
-        folder = tf.write_transformers_folder(folder, config, params,
-                                              {"logit_scale": np.asarray(self.logit_scale, np.float32)})
-        (folder / "preprocessor_config.json").write_text(
-            _json(tf.clip_image_processor_config(self.vision_config["image_size"])))
-        return folder
+    def image_encoder(self) -> tuple[dict, dict]:
+        """IP-Adapter's ``image_encoder/`` as (transformers config, params): a ``CLIPVisionModelWithProjection``."""
+        return self.vision_config, self.vision_params
 
 
-def _json(d) -> str:
-    import json
-
-    return json.dumps(d, indent=2, sort_keys=True)
+def write_clip_folder(folder: str | Path, tokenizer_dir: str | Path, clip: MiniClip) -> Path:
+    """The full mini CLIP (``CLIPModel``: both towers, both projections, ``logit_scale``) with its tokenizer
+    and image processor: what CLIP-I / CLIP-T evaluation loads."""
+    config = tf.clip_model_config(clip.text_config, clip.vision_config, clip.text_config["projection_dim"],
+                                  clip.logit_scale)
+    folder = tf.write_transformers_folder(folder, config, {**clip.text_params, **clip.vision_params},
+                                          {"logit_scale": np.asarray(clip.logit_scale, np.float32)})
+    processor = tf.clip_image_processor_config(clip.vision_config["image_size"])
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2, sort_keys=True))
+    copy_tokenizer(tokenizer_dir, folder)
+    return folder
 
 
 def normalise_pixels(images_01: jax.Array) -> jax.Array:

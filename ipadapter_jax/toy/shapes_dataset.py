@@ -180,13 +180,15 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _members(examples: ShapeExamples, prefix: str) -> list[tuple[str, bytes]]:
+def shard_members(examples: ShapeExamples, prefix: str, labels: bool = True) -> list[tuple[str, bytes]]:
+    """Tar members ``(name, bytes)`` of ``examples``, per sample ``<key>.png``, ``<key>.txt`` and, with
+    ``labels``, ``<key>.json``; keys are ``prefix`` + a five-digit index."""
     members = []
     for i, (image, spec, caption) in enumerate(zip(examples.images, examples.specs, examples.captions)):
         key = f"{prefix}{i:05d}"
-        labels = {"caption": caption, **spec.labels()}
-        members += [(f"{key}.png", png_bytes(image)), (f"{key}.txt", caption.encode()),
-                    (f"{key}.json", json.dumps(labels, sort_keys=True).encode())]
+        members += [(f"{key}.png", png_bytes(image)), (f"{key}.txt", caption.encode())]
+        if labels:
+            members.append((f"{key}.json", json.dumps({"caption": caption, **spec.labels()}, sort_keys=True).encode()))
     return members
 
 
@@ -195,13 +197,15 @@ HELDOUT_STREAM, TRAIN_STREAM = 1, 1000
 
 
 def write_shape_shards(folder: str | os.PathLike, num_shards: int = 16, samples_per_shard: int = 64,
-                       seed: int = 0, heldout_samples: int = 64) -> str:
+                       seed: int = 0, heldout_samples: int = 64, labels: bool = True) -> str:
     """``folder/train-{00000..N-1}.tar`` (mixed captions) and ``folder/heldout-00000.tar`` (full captions);
-    returns the training shard spec (a brace pattern). Shards already written with the same arguments are
-    reused."""
+    returns the training shard spec (a brace pattern). ``labels``: write each sample's ``.json`` labels
+    (evaluation reads them; training does not). Shards already written with the same arguments are reused."""
     folder = Path(folder)
     marker = {"num_shards": num_shards, "samples_per_shard": samples_per_shard, "seed": seed,
               "heldout_samples": heldout_samples, "image_size": IMAGE_SIZE, "version": 1}
+    if not labels:
+        marker["labels"] = False
     spec = str(folder / f"train-{{00000..{num_shards - 1:05d}}}.tar")
     if (folder / MARKER).is_file() and json.loads((folder / MARKER).read_text()) == marker:
         return spec
@@ -209,9 +213,9 @@ def write_shape_shards(folder: str | os.PathLike, num_shards: int = 16, samples_
     (folder / MARKER).unlink(missing_ok=True)
     for s in range(num_shards):
         examples = make_examples(samples_per_shard, seed, TRAIN_STREAM + s)
-        write_tar(folder / f"train-{s:05d}.tar", _members(examples, f"train{s:03d}_"))
+        write_tar(folder / f"train-{s:05d}.tar", shard_members(examples, f"train{s:03d}_", labels))
     heldout = make_examples(heldout_samples, seed, HELDOUT_STREAM, partial_captions=False)
-    write_tar(heldout_shard(folder), _members(heldout, "heldout_"))
+    write_tar(heldout_shard(folder), shard_members(heldout, "heldout_", labels))
     (folder / MARKER).write_text(json.dumps(marker))
     return spec
 

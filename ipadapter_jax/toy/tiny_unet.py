@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ipadapter_jax.conditioning import encode_text
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule, add_noise, snr, training_target
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import AutoencoderKL
-from ipadapter_jax.toy.shapes_dataset import make_examples
+from ipadapter_jax.toy.shapes_dataset import IMAGE_SIZE, make_examples, render
 from ipadapter_jax.toy.tiny_vae import TinyVae, to_signed
 
 UNET_STREAM = 30  # make_examples stream of the UNet's training images
@@ -80,19 +81,23 @@ class TinyUnet:
 
 
 def encode_captions(text_module, text_params, tokenizer: CaptionTokenizer, captions) -> np.ndarray:
-    """``[len(captions), 77, hidden]``: the text encoder's last hidden state, as SD conditions on it."""
-    ids = jnp.asarray(tokenizer(list(captions)))
-    out = jax.jit(lambda p, i: text_module.apply({"params": p}, i, output_hidden_states=False).last_hidden_state)(
-        text_params, ids)
-    return np.asarray(out, np.float32)
+    """``[len(captions), 77, hidden]``: the SD conditioning of ``captions`` (``conditioning.encode_text``)."""
+    encode = jax.jit(lambda p, ids: encode_text((text_module,), {"text_encoder": p}, [ids]).context)
+    return np.asarray(encode(text_params, jnp.asarray(tokenizer(list(captions)))), np.float32)
 
 
 def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTokenizer,
-                    settings: TinyUnetSettings = TinyUnetSettings(), log: Callable[[str], None] = print) -> TinyUnet:
-    """``text_module``/``text_params``: the SD text encoder (``CLIPTextModel``)."""
+                    settings: TinyUnetSettings = TinyUnetSettings(), log: Callable[[str], None] = print, *,
+                    raw_config: dict | None = None, params: dict | None = None,
+                    image_size: int = IMAGE_SIZE) -> TinyUnet:
+    """``text_module``/``text_params``: the SD text encoder (``CLIPTextModel``). ``raw_config`` and ``params``:
+    another UNet to train and its starting weights (default: ``settings``' layout, initialised here);
+    ``image_size``: the side the toy images are rendered at (``ipadapter_jax.testing``'s random world
+    pretrains its UNet this way at 64 px)."""
     started = time.time()
     s = settings
     data = make_examples(s.num_images, s.seed, UNET_STREAM)
+    images = data.images if image_size == IMAGE_SIZE else np.stack([render(spec, image_size) for spec in data.specs])
     unique = sorted(set(data.captions) | {""})
     contexts = jnp.asarray(encode_captions(text_module, text_params, tokenizer, unique))
     caption_index = jnp.asarray([unique.index(c) for c in data.captions], jnp.int32)
@@ -100,17 +105,19 @@ def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTo
 
     vae_module = AutoencoderKL(vae.config)
     encode = jax.jit(lambda x: vae_module.apply({"params": vae.params}, x, method=AutoencoderKL.encode))
-    moments = [encode(to_signed(data.images[i:i + 512])) for i in range(0, len(data), 512)]
+    moments = [encode(to_signed(images[i:i + 512])) for i in range(0, len(data), 512)]
     means = jnp.concatenate([m for m, _ in moments])
     stds = jnp.exp(0.5 * jnp.concatenate([lv for _, lv in moments]))
 
-    raw = s.raw_config(cross_attention_dim=int(contexts.shape[-1]))
+    raw = raw_config or s.raw_config(cross_attention_dim=int(contexts.shape[-1]))
     config = UNetConfig.from_diffusers(raw)
     unet = UNet2DConditionModel(config)
     schedule = NoiseSchedule.from_config(SCHEDULER_CONFIG)
     key = jax.random.key(s.seed)
     k_init, k_train = jax.random.split(key)
-    params = jax.jit(lambda k: unet.init_params(k, LATENT_SIZE, int(contexts.shape[1])))(k_init)
+    if params is None:
+        params = jax.jit(lambda k: unet.init_params(k, LATENT_SIZE, int(contexts.shape[1])))(k_init)
+    params = jax.tree.map(jnp.asarray, params)
 
     def loss_fn(params, key):
         k_index, k_post, k_noise, k_time, k_drop = jax.random.split(key, 5)

@@ -1,7 +1,8 @@
 """The training configuration: typed, frozen dataclasses built from an ml_collections ``ConfigDict``.
 
 Config files (``configs/*.py``) return a ``ConfigDict``; ``TrainConfig.from_config_dict`` turns it into these
-dataclasses, rejecting unknown keys (a typo must not silently train with a default) and impossible values
+dataclasses (whose defaults are ``configs/sd15.py``'s values, where each field is commented; a test keeps the
+two equal), rejecting unknown keys (a typo must not silently train with a default) and impossible values
 before anything is loaded or compiled. Checks that need the devices (mesh shape, batch divisibility) are in
 ``check_against_devices``, also called before compilation.
 """
@@ -13,18 +14,18 @@ import difflib
 import typing
 from typing import Any, Mapping
 
+from ipadapter_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 ADAPTER_VARIANTS = ("plain", "plus")
 SAMPLERS = ("ddim", "euler", "dpm++2m")
-# "auto": Pallas flash attention on TPU devices, XLA elsewhere (models.attention.resolve_attention_implementation).
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    model_dir: str = ""
-    image_encoder_dir: str = ""
+    model_dir: str = "models/stable-diffusion-v1-5"
+    image_encoder_dir: str = "models/IP-Adapter/models/image_encoder"
     compute_dtype: str = "bfloat16"
     attention_implementation: str = "auto"  # auto: Pallas flash attention on TPU, XLA elsewhere
     remat: bool = False
@@ -45,7 +46,7 @@ class AdapterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    shards: str = ""
+    shards: str = "data/shards/{00000..00999}.tar"
     caption_field: str = ""
     resolution: int = 512
     random_crop: bool = False
@@ -53,7 +54,7 @@ class DataConfig:
     drop_image: float = 0.05
     drop_both: float = 0.05
     shuffle_shards: bool = True
-    decode_threads: int = 8
+    decode_threads: int = 16
     prefetch_batches: int = 2
     cache_latents: bool = False
     cache_dir: str = ""
@@ -72,7 +73,7 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     schedule: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 1000
     final_lr_fraction: float = 0.0
     grad_clip_norm: float = 1.0
     max_nonfinite_steps: int = 10
@@ -95,23 +96,23 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 1000
+    every_steps: int = 5000
     keep: int = 3
     async_save: bool = True
-    export_dtype: str = "float32"
+    export_dtype: str = "float16"
 
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
-    every_steps: int = 10
+    every_steps: int = 50
     progress_bar: bool = True
     tensorboard: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
-    every_steps: int = 0
-    num_images: int = 2
+    every_steps: int = 5000
+    num_images: int = 4
     images: tuple[str, ...] = ()
     prompt: str = ""
     scales: tuple[float, ...] = (0.0, 0.5, 1.0)
@@ -124,8 +125,8 @@ class ValidationConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    num_steps: int = 1000
-    batch_size: int = 8
+    num_steps: int = 1_000_000
+    batch_size: int = 64
     model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig = DataConfig()

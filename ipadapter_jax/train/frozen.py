@@ -1,11 +1,11 @@
-"""The frozen models of IP-Adapter training (UNet, VAE, text encoder(s), CLIP image encoder) and the pure
-functions that encode a batch with them inside the train step.
+"""The frozen models of IP-Adapter training (UNet, VAE, text encoder(s), CLIP image encoder).
 
 A base model folder has diffusers' layout: ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` (and
-``text_encoder_2/ tokenizer_2/`` for SDXL, recognised by the UNet's ``addition_embed_type="text_time"``).
-The image encoder (a transformers ``CLIPVisionModelWithProjection`` folder such as h94/IP-Adapter's
-``models/image_encoder``) is ``model_dir/image_encoder`` unless given separately; its
-``preprocessor_config.json`` (or the base model's ``feature_extractor/``) configures CLIP preprocessing.
+``text_encoder_2/ tokenizer_2/`` for SDXL, recognised by ``UNetConfig.is_sdxl``). The image encoder (a
+transformers ``CLIPVisionModelWithProjection`` folder such as h94/IP-Adapter's ``models/image_encoder``) is
+``model_dir/image_encoder`` unless given separately; CLIP preprocessing is chosen as the pipeline chooses it
+(``conditioning.clip_processing_config``). What the step computes from these models is in
+``ipadapter_jax.conditioning`` (text, image prompt) and ``encode_latents`` here (VAE).
 
 Weights are read on the host in float32 (the adapter's paper initialisation copies the UNet's to_k/to_v
 from these); ``FrozenModels.params_in(dtype)`` gives the tree to place on the devices in the compute dtype.
@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipadapter_jax.conditioning import clip_processing_config
 from ipadapter_jax.data.clip_image_processing import ClipImageProcessingConfig
 from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule
 from ipadapter_jax.models.unet import UNet2DConditionModel
@@ -62,7 +63,12 @@ class FrozenModules:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.unet_config.addition_embed_type == "text_time"
+        return self.unet_config.is_sdxl
+
+    @property
+    def text_encoders(self) -> tuple:
+        """The text encoder modules in ``conditioning.TEXT_ENCODERS`` order: one for SD, two for SDXL."""
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
 
     @property
     def image_embed_dim(self) -> int:
@@ -144,7 +150,7 @@ def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | No
         _, text_params, text_config = load_clip_text_encoder(model_dir / "text_encoder", "float32")
         params = {"unet": unet_params, "vae": vae_params, "text_encoder": _to_numpy(text_params)}
         text_2_config = None
-        if unet_config.addition_embed_type == "text_time":
+        if unet_config.is_sdxl:
             _, text_2_params, text_2_config = load_clip_text_encoder(model_dir / "text_encoder_2", "float32")
             params["text_encoder_2"] = _to_numpy(text_2_params)
         _, image_params, image_config = load_clip_vision_encoder(image_encoder_dir, "float32")
@@ -154,7 +160,7 @@ def load_frozen_models(model_dir: str | Path, image_encoder_dir: str | Path | No
         raise WeightFileError(f"{image_encoder_dir}: the image encoder has no visual_projection; IP-Adapter "
                               f"needs a CLIPVisionModelWithProjection")
     scheduler_config = read_json(model_dir / "scheduler" / "scheduler_config.json")
-    clip_image_config = clip_preprocessing(model_dir, image_encoder_dir, image_config.image_size)
+    clip_image_config = clip_processing_config(image_encoder_dir, image_config.image_size, base_dir=model_dir)
     if (clip_image_config.crop_height, clip_image_config.crop_width) != (image_config.image_size,) * 2:
         raise WeightFileError(f"{image_encoder_dir}: CLIP preprocessing crops to {clip_image_config.crop_height}x"
                               f"{clip_image_config.crop_width} but the encoder takes {image_config.image_size}px")
@@ -198,56 +204,7 @@ def frozen_modules(unet_raw: dict, vae_config: VAEConfig, text_config: Any, text
     )
 
 
-def clip_preprocessing(model_dir: Path, image_encoder_dir: Path, image_size: int) -> ClipImageProcessingConfig:
-    """The image prompt's CLIP preprocessing, chosen as the pipeline chooses it (so training sees what
-    inference will): the base model's ``feature_extractor/``, else the encoder folder's
-    ``preprocessor_config.json``, else ``CLIPImageProcessor``'s defaults at the encoder's size."""
-    for folder in (model_dir / "feature_extractor", image_encoder_dir):
-        if (folder / "preprocessor_config.json").is_file():
-            return ClipImageProcessingConfig.from_json(folder / "preprocessor_config.json")
-    return ClipImageProcessingConfig(shortest_edge=image_size, crop_height=image_size, crop_width=image_size)
-
-
-class TextConditioning(NamedTuple):
-    context: jax.Array  # [B, T, cross_attention_dim]
-    pooled: jax.Array | None  # [B, P] (SDXL's text_embeds) or None
-
-
-def encode_text(modules: FrozenModules, params: dict, input_ids: jax.Array,
-                input_ids_2: jax.Array | None = None) -> TextConditioning:
-    """Token ids -> the UNet's text conditioning, as the SD1.5 / SDXL pipelines compute it: SD1.5 uses the
-    final hidden state; SDXL concatenates both encoders' penultimate states and pools the second."""
-    if not modules.is_sdxl:
-        out = modules.text_encoder.apply({"params": params["text_encoder"]}, input_ids, output_hidden_states=False)
-        return TextConditioning(out.last_hidden_state, None)
-    out_1 = modules.text_encoder.apply({"params": params["text_encoder"]}, input_ids)
-    out_2 = modules.text_encoder_2.apply({"params": params["text_encoder_2"]}, input_ids_2)
-    context = jnp.concatenate([out_1.hidden_states[-2], out_2.hidden_states[-2]], axis=-1)
-    return TextConditioning(context, out_2.text_embeds)
-
-
-def encode_image_prompt(modules: FrozenModules, params: dict, clip_pixels: jax.Array, drop_image: jax.Array,
-                        uses_hidden_states: bool) -> jax.Array:
-    """CLIP pixels ``[B, S, S, 3]`` -> the adapter's input features, with dropped images as the paper and
-    the reference scripts do: a zero ``image_embeds [B, E]`` (plain), or the penultimate hidden states
-    ``[B, N, H]`` of an all-zero image (Plus)."""
-    drop = drop_image.reshape(-1, *([1] * (clip_pixels.ndim - 1)))
-    if uses_hidden_states:
-        pixels = jnp.where(drop, 0.0, clip_pixels)
-        out = modules.image_encoder.apply({"params": params["image_encoder"]}, pixels)
-        return out.hidden_states[-2].astype(jnp.float32)
-    out = modules.image_encoder.apply({"params": params["image_encoder"]}, clip_pixels, output_hidden_states=False)
-    embeds = out.image_embeds.astype(jnp.float32)
-    return jnp.where(drop_image[:, None], 0.0, embeds)
-
-
 def encode_latents(modules: FrozenModules, params: dict, pixels: jax.Array, rng: jax.Array | None) -> jax.Array:
     """VAE input ``[B, R, R, 3]`` in [-1, 1] -> scaled latents ``[B, R/f, R/f, C]`` float32; a posterior
     sample when ``rng`` is given (the reference training script's ``latent_dist.sample()``), else the mean."""
     return encode_to_latents(modules.vae, params["vae"], pixels, rng, modules.vae_config)
-
-
-def sdxl_time_ids(original_size: jax.Array, crop_top_left: jax.Array, resolution: int) -> jax.Array:
-    """``[B, 6]`` float32: original (h, w), crop (top, left), target (h, w) as SDXL's ``add_time_ids``."""
-    target = jnp.full_like(original_size, resolution)
-    return jnp.concatenate([original_size, crop_top_left, target], axis=-1).astype(jnp.float32)

@@ -19,7 +19,8 @@ from ipadapter_jax.cache.batch import cached_frozen
 from ipadapter_jax.cache.manifest import LatentCache, open_latent_cache
 from ipadapter_jax.data.shards import check_local_shards_exist, expand_shard_spec, shards_for_process
 from ipadapter_jax.models.image_projection import ProjectionConfig
-from ipadapter_jax.train import tiny_world
+from ipadapter_jax.toy.shapes_dataset import write_shape_shards
+from ipadapter_jax.toy_assets import ASSETS
 from ipadapter_jax.train.config import TrainConfig
 from ipadapter_jax.train.frozen import FrozenModels, FrozenModules, image_encoder_folder, load_frozen_models
 from ipadapter_jax.train.program import TrainProgram, build_train_program, train_mesh
@@ -39,8 +40,8 @@ class TrainingSetup:
     workdir: WorkdirFiles  # local or a URL: metrics, exports, validation grids and checkpoints go here
     mesh: Mesh
     model_dir: Path
-    shards: Any  # the training shards: the config's (or the tiny world's) spec, or the latent cache's URLs
-    image_shards: str  # shards holding images (validation prompts): the config's / tiny world's spec
+    shards: Any  # the training shards: the config's (or the toy world's) spec, or the latent cache's URLs
+    image_shards: str  # shards holding images (validation prompts): the config's / toy world's spec
     cache: LatentCache | None  # the opened latent cache when data.cache_latents
     frozen_models: FrozenModels
     frozen: dict  # frozen params on the mesh, compute dtype
@@ -84,33 +85,24 @@ class TrainingSetup:
         return replicated(self.mesh)
 
 
-def tiny_world_paths(config: TrainConfig, workdir: Path) -> tuple[Path, str]:
-    """Model folder and shard spec when the config names no model or no data: with no model, the tiny random
-    world (model and its shards) in ``WORKDIR/tiny_world``; with a model but no data, the toy world's shapes
-    shards (``ipadapter_jax.toy.shapes_dataset``, what the shipped toy base was trained on) in
-    ``WORKDIR/toy_shards``. ``workdir`` is a local folder (a URL workdir passes its ``local_scratch``: the
-    loaders read model folders from disk). Process 0 writes; the others wait for it."""
+def model_and_shards(config: TrainConfig, workdir: Path) -> tuple[Path, str]:
+    """The base model folder and the shard spec to train on: the config's, or where ``data.shards`` (and
+    ``data.tfds_name``) are empty the toy world's shapes shards (``ipadapter_jax.toy.shapes_dataset``) in
+    ``WORKDIR/toy_shards``. ``workdir`` is a local folder (a URL workdir passes its ``local_scratch``).
+    Process 0 writes the shards; the others wait."""
+    if not config.model.model_dir:
+        raise ValueError(f"model.model_dir is empty: name a diffusers-layout base folder (the shipped toy base "
+                         f"is {ASSETS / 'base'}, what configs/tiny.py trains)")
     # A gs:// (or other URL) model folder is copied into the local cache once, on every host.
-    model_dir = local_folder(config.model.model_dir) if config.model.model_dir else workdir / "tiny_world" / "model"
-    if config.model.model_dir:
-        from ipadapter_jax.toy.shapes_dataset import write_shape_shards
-
-        shards_dir = workdir / "toy_shards"
-    else:
-        write_shape_shards = tiny_world.write_shape_shards
-        shards_dir = workdir / "tiny_world" / "shards"
-    # A TFDS run reads no shards (its validation images come from validation.images): none are written.
-    need_shards = not config.data.shards and not config.data.tfds_name
+    model_dir = local_folder(config.model.model_dir)
+    if config.data.shards or config.data.tfds_name:  # a TFDS run reads no shards: none are written
+        return model_dir, config.data.shards
+    shards_dir = workdir / "toy_shards"
     if jax.process_index() == 0:
-        if not config.model.model_dir:
-            tiny_world.write_tiny_model(model_dir, seed=config.seed)
-        if need_shards:
-            write_shape_shards(shards_dir, seed=config.seed)
-    if not config.model.model_dir or need_shards:
-        wait_for_all_processes("tiny_world_written")
+        write_shape_shards(shards_dir, seed=config.seed)
+    wait_for_all_processes("toy_shards_written")
     # On every process: the shard spec (the shards themselves were written above and are reused).
-    shards = write_shape_shards(shards_dir, seed=config.seed) if need_shards else config.data.shards
-    return model_dir, shards
+    return model_dir, write_shape_shards(shards_dir, seed=config.seed)
 
 
 def wait_for_all_processes(name: str, timeout_s: float = 3600) -> None:
@@ -139,7 +131,7 @@ def build_setup(config: TrainConfig, workdir: str | Path | WorkdirFiles) -> Trai
     mesh = train_mesh(config, jax.devices(), jax.process_count())
     logger.info("mesh: data=%d x fsdp=%d over %d devices in %d processes", mesh.shape["data"], mesh.shape["fsdp"],
                 jax.device_count(), jax.process_count())
-    model_dir, image_shards = tiny_world_paths(config, workdir.local_scratch())
+    model_dir, image_shards = model_and_shards(config, workdir.local_scratch())
     if not config.data.cache_latents and not config.data.tfds_name:
         # The data is first read after compiling: a shard spec that matches nothing (or too few shards for the
         # processes) must fail now, not after minutes of loading and compiling.

@@ -19,7 +19,6 @@ from ipadapter_jax.models.adapter import IPAdapter, check_adapter_fits, new_ip_a
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.train.config import OptimizerConfig
-from ipadapter_jax.weights.torch_layout import flax_path_of
 
 
 @flax.struct.dataclass
@@ -64,10 +63,8 @@ def cross_attention_kv(unet_config: UNetConfig, unet_params: dict) -> dict:
     that the paper initialisation of a new adapter reads (and all that has to reach the init's devices).
     Float32 numpy for arrays; float32 ``ShapeDtypeStruct`` for abstract params (a plan, ``jax.eval_shape``)."""
     out: dict = {}
-    for name, _ in unet_config.cross_attention_layers():
-        src, dst = unet_params, out
-        for part in flax_path_of(name + ".x")[:-1]:
-            src, dst = src[part], dst.setdefault(part, {})
+    for layer in unet_config.cross_attention_layers():
+        src, dst = layer.subtree(unet_params), layer.subtree_in(out)
         for key in ("to_k", "to_v"):
             dst[key] = {"kernel": _float32(src[key]["kernel"])}
     return out

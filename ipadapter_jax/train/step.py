@@ -25,12 +25,13 @@ import optax
 from jax.sharding import NamedSharding
 
 from ipadapter_jax.cache.batch import abstract_cached_batch, cached_batch_keys, cached_image_features
+from ipadapter_jax.conditioning import added_conditioning, encode_image_prompt, encode_text, sdxl_time_ids
+from ipadapter_jax.conditioning.text import TextConditioning
 from ipadapter_jax.diffusion.noise_schedule import add_noise, snr, training_target
 from ipadapter_jax.models.adapter import adapter_variables
 from ipadapter_jax.models.image_projection import ProjectionConfig, projection_module
 from ipadapter_jax.models.vae import latents_from_moments
-from ipadapter_jax.train.frozen import (FrozenModules, encode_image_prompt, encode_latents, encode_text,
-                                        sdxl_time_ids)
+from ipadapter_jax.train.frozen import FrozenModules, encode_latents
 from ipadapter_jax.train.state import TrainState
 
 
@@ -100,23 +101,21 @@ def encode_batch(modules: FrozenModules, frozen: dict, batch: dict, rng: jax.Arr
     k_latent = k_latent if settings.sample_posterior else None
     if settings.cached_latents:
         latents = latents_from_moments(batch["latent_mean"], batch["latent_logvar"], k_latent, modules.vae_config)
-        context, pooled = batch["text_context"], batch.get("text_pooled")
+        text = TextConditioning(batch["text_context"], batch.get("text_pooled"))
         features = cached_image_features(batch["image_features"], batch["drop_image"], frozen)
     else:
         latents = encode_latents(modules, frozen, batch["pixels"], k_latent)
-        context, pooled = encode_text(modules, frozen, batch["input_ids"], batch.get("input_ids_2"))
-        features = encode_image_prompt(modules, frozen, batch["clip_pixels"], batch["drop_image"],
-                                       settings.projection.uses_hidden_states)
-    added = None
-    if modules.is_sdxl:
-        added = {"text_embeds": pooled,
-                 "time_ids": sdxl_time_ids(batch["original_size"], batch["crop_top_left"], settings.resolution)}
+        text = encode_text(modules.text_encoders, frozen, [batch["input_ids"], batch.get("input_ids_2")])
+        features = encode_image_prompt(modules.image_encoder, frozen["image_encoder"], batch["clip_pixels"],
+                                       batch["drop_image"], settings.projection.uses_hidden_states)
+    time_ids = (sdxl_time_ids(batch["original_size"], batch["crop_top_left"], settings.resolution)
+                if modules.is_sdxl else None)
     return {
         "noisy": add_noise(schedule, latents, noise, t),
         "target": training_target(schedule, latents, noise, t),
         "t": t,
-        "context": context,
-        "added": added,
+        "context": text.context,
+        "added": added_conditioning(text, time_ids),
         "features": features,
     }
 

@@ -19,16 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from ipadapter_jax.conditioning import added_conditioning, encode_image_prompt, encode_text, sdxl_time_ids
 from ipadapter_jax.data.examples import Example, ExampleProcessor
 from ipadapter_jax.data.shards import expand_shard_spec
 from ipadapter_jax.data.tar_samples import iter_shard_samples, sample_image_bytes
 from ipadapter_jax.data.tokenize import CaptionTokenizer
 from ipadapter_jax.diffusion.samplers import make_sampler
 from ipadapter_jax.models.vae import decode_latents
-from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.pipeline.denoise import GenerateInputs, GenerateSettings, GenerateWeights, generate
 from ipadapter_jax.pipeline.sharded_batch import place_generate_inputs
 from ipadapter_jax.train.checkpoint import host_copy
-from ipadapter_jax.train.frozen import encode_image_prompt, encode_text, sdxl_time_ids
 from ipadapter_jax.train.sharding import put_host_tree
 
 logger = logging.getLogger(__name__)
@@ -81,11 +81,10 @@ class Validator:
         size = np.full((2 * n, 2), resolution, np.int32)
 
         def encode(frozen, ids, ids_2, pixels, drop, size):
-            text = encode_text(modules, frozen, ids, ids_2)
-            added = None
-            if modules.is_sdxl:
-                added = {"text_embeds": text.pooled, "time_ids": sdxl_time_ids(size, jnp.zeros_like(size), resolution)}
-            features = encode_image_prompt(modules, frozen, pixels, drop, setup.projection.uses_hidden_states)
+            text = encode_text(modules.text_encoders, frozen, [ids, ids_2])
+            added = added_conditioning(text, sdxl_time_ids(size, jnp.zeros_like(size), resolution))
+            features = encode_image_prompt(modules.image_encoder, frozen["image_encoder"], pixels, drop,
+                                           setup.projection.uses_hidden_states)
             return text.context, added, features
 
         inputs = self._replicated((prompt_ids, prompt_ids_2, clip_pixels, dropped, size))
@@ -97,7 +96,9 @@ class Validator:
             setup.mesh, setup.config.mesh, noise, context, added, [features], 2)
         self.features = features[0]
         self.sampler = make_sampler(cfg.sampler, modules.scheduler_config, cfg.num_inference_steps)
-        self.decode = functools.partial(_decode, modules.vae, modules.vae_config)
+        self.settings = GenerateSettings(modules.unet, modules.unet_config,
+                                         functools.partial(_decode, modules.vae, modules.vae_config),
+                                         (setup.projection,), guided=cfg.guidance_scale > 1.0)
         self.num_layers = len(modules.unet_config.cross_attention_layers())
 
     def _token_ids(self, folder, prompts, negatives):
@@ -110,13 +111,13 @@ class Validator:
 
     def images(self, adapter_params, scale: float) -> np.ndarray:
         """``[n, R, R, 3]`` float32 in [0, 1] at one IP-Adapter scale."""
-        cfg, modules = self.setup.config.validation, self.setup.modules
+        cfg, frozen = self.setup.config.validation, self.setup.frozen
         scales = self._replicated(np.full((1, self.num_layers), scale, np.float32))
+        weights = GenerateWeights(frozen["unet"], frozen["vae"], [adapter_params])
+        inputs = GenerateInputs(self.noise, self.sampler, self.context, self.added, [self.features], scales,
+                                jnp.asarray(cfg.guidance_scale, jnp.float32))
         with jax.set_mesh(self.setup.mesh):  # the Pallas kernels (auto on TPU) run per device under it
-            out = generate(modules.unet, modules.unet_config, (self.setup.projection,), cfg.guidance_scale > 1.0,
-                           self.decode, self.setup.frozen["unet"], self.setup.frozen["vae"], [adapter_params],
-                           scales, self.sampler, self.noise, self.context, self.added, [self.features],
-                           jnp.asarray(cfg.guidance_scale, jnp.float32))
+            out = generate(self.settings, weights, inputs)
         return host_copy(out)[: self.n]
 
     def grid(self, adapter_params) -> np.ndarray:

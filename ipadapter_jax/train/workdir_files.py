@@ -67,7 +67,7 @@ class WorkdirFiles:
 
     def local_scratch(self) -> Path:
         """A local folder belonging to this workdir: itself on disk, else one under the cache folder per URL
-        (what must be local, such as the tiny random world's model folder the loaders memory-map)."""
+        (what must be local, such as the toy world's shards the trainer writes on first use)."""
         if self.is_local:
             return Path(self.url)
         digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]

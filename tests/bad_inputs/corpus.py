@@ -21,6 +21,7 @@ from PIL import Image
 
 from ipadapter_jax.data.image_ops import uint8_to_signed_unit
 from ipadapter_jax.data.synthetic import encode_image, random_image, write_image_shard, write_tar
+from ipadapter_jax.toy.toy_tokenizer import vocab_size
 
 from . import encoded as enc
 
@@ -155,8 +156,9 @@ def caption_is(text: str) -> Callable[[dict], None]:
 
 def tokens_fill_the_context(batch):
     ids = batch["input_ids"][0]
-    assert ids.shape == (77,) and ids[0] == 0 and ids[-1] == 1  # BOS ... truncated ... EOS
-    assert (ids[1:-1] != 1).all()  # no padding: truncated, not dropped
+    bos, eos = vocab_size() - 2, vocab_size() - 1  # the toy tokenizer's specials take the two highest ids
+    assert ids.shape == (77,) and ids[0] == bos and ids[-1] == eos  # BOS ... truncated ... EOS
+    assert (ids[1:-1] != eos).all()  # no padding: truncated, not dropped
 
 
 # ------------------------------------------------------------------------------------ images
