@@ -226,7 +226,7 @@ def controlnet_params_from_unet(config: ControlNetConfig, unet_params: Mapping[s
     """A new ControlNet's params, as diffusers' ``ControlNetModel.from_unet`` makes them: the encoder half
     copied from the UNet (same names), the control-image embedding random, and its ``conv_out`` and every
     zero convolution zero, so the untrained ControlNet leaves the UNet's output unchanged."""
-    params = dict(ControlNetModel(config).init_params(rng))
+    params = dict(jax.jit(ControlNetModel(config).init_params)(rng))  # jitted: eager init is op by op
     for name, value in params.items():
         if name.startswith("controlnet_"):
             continue
