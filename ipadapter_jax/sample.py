@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="diffusers-format SD / SDXL folder (default: the built-in toy model)")
     p.add_argument("--ip-adapter", nargs="*", default=None, help="IP-Adapter file(s), published layout")
-    p.add_argument("--image-encoder", help="CLIPVisionModelWithProjection folder (default: beside the adapter "
-                                           "or MODEL/image_encoder)")
+    p.add_argument("--image-encoder", nargs="+", default=None,
+                   help="CLIPVisionModelWithProjection folder, or one per adapter (default: for each adapter, the "
+                        "first whose width fits of MODEL/image_encoder, beside the adapter, h94's models/image_encoder)")
     p.add_argument("--image", nargs="*", default=None, help="reference image(s), one per adapter")
     p.add_argument("--prompt", default="", help="text prompt ('' for image-only prompting)")
     p.add_argument("--negative-prompt", default=None)
@@ -37,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++2m"], default=None,
-                   help="sampler (default: the model's scheduler config)")
+    p.add_argument("--scheduler", choices=["ddim", "euler", "dpm++2m", "pndm"], default=None,
+                   help="sampler (default: the one the model's scheduler config names; SD1.5's is pndm)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default="samples", help="output folder")
     return p
@@ -95,8 +96,9 @@ def check_arguments(args: argparse.Namespace) -> None:
     for path in args.ip_adapter or []:
         if not is_url(path) and not Path(path).is_file():
             raise UserError(f"--ip-adapter {path}: no such file")
-    if args.image_encoder is not None and not Path(args.image_encoder).is_dir():
-        raise UserError(f"--image-encoder {args.image_encoder}: no such folder")
+    for path in args.image_encoder or []:
+        if not Path(path).is_dir():
+            raise UserError(f"--image-encoder {path}: no such folder")
     check_adapters_fit_base(Path(args.model), args.ip_adapter or [])
 
 
@@ -137,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     pipe = IPAdapterPipeline.from_pretrained(args.model, ip_adapter=args.ip_adapter or None,
                                              image_encoder=args.image_encoder, dtype=args.dtype)
     reference = None if not images_in else (images_in if len(images_in) > 1 else images_in[0])
+    from ipadapter_jax.diffusion.samplers import describe_sampler
+
+    print(describe_sampler(args.scheduler, pipe.base.scheduler_config, args.steps), flush=True)
     print(f"loaded in {time.time() - started:.1f}s; compiling and sampling {args.num_images} image(s), "
           f"{args.steps} steps (the first run compiles; later runs reuse the compilation cache) ...", flush=True)
     started = time.time()

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from ipadapter_jax.testing.random_weights import random_ip_adapter_state, write_ip_adapter_state
 from ipadapter_jax import load_ip_adapter, save_ip_adapter
-from ipadapter_jax.models.adapter import check_adapter_fits, new_ip_adapter
+from ipadapter_jax.models.adapter import IPAdapter, check_adapter_fits, new_ip_adapter
 from ipadapter_jax.models.image_projection import ProjectionConfig
 from ipadapter_jax.weights.safetensors_io import WeightFileError
 from test_ip_adapter_parity import TOL, Setup
@@ -98,33 +98,65 @@ def test_adapter_for_another_base_is_rejected(tiny_unet_dirs, tmp_path):
         check_adapter_fits(config, load_ip_adapter(tmp_path / "a.safetensors"))
 
 
-def test_what_we_save_loads_in_diffusers_with_the_same_outputs(tiny_unet_dirs, tmp_path):
+def _shipped_export_dtype(arch: str) -> str:
+    """``checkpoint.export_dtype`` of the shipped config for ``arch`` (float16, as h94 publishes)."""
+    from configs import sd15, sdxl
+
+    return {"sd15": sd15, "sdxl": sdxl}[arch].get_config().checkpoint.export_dtype
+
+
+# sd15: save_ip_adapter in float32, and the trainer's export in the shipped config's dtype, plain and Plus;
+# sdxl: the export of a plain adapter (its layer numbering is what differs; the writer is the same).
+WRITES = {"sd15": ("save_ip_adapter", "export"), "sdxl": ("export",)}
+VARIANTS = {"sd15": ("plain", "plus"), "sdxl": ("plain",)}
+
+
+@pytest.mark.parametrize("arch", sorted(WRITES))
+def test_what_we_save_loads_in_diffusers_with_the_same_outputs(tiny_unet_dirs, tmp_path, arch):
+    """Written by us, read by diffusers' ``IPAdapterMixin.load_ip_adapter``: the same noise predictions as our
+    UNet with the adapter we wrote, rounded to the file's dtype in memory (so a float16 export is compared
+    on the same rounded weights, and a writer that mislabels or reorders tensors fails)."""
     from diffusers.loaders.ip_adapter import IPAdapterMixin
 
-    setup = Setup("sd15", tiny_unet_dirs["sd15"])
-    for variant, projection in (("plain", ProjectionConfig("plain", embed_dim=16, cross_attention_dim=32)),
-                                ("plus", ProjectionConfig("plus", embed_dim=16, cross_attention_dim=32, num_tokens=8,
-                                                          hidden_dim=128, heads=2, dim_head=64))):
+    from ipadapter_jax.train.checkpoint import export_adapter
+
+    setup = Setup(arch, tiny_unet_dirs[arch])
+    cross = setup.cross
+    projections = {"plain": ProjectionConfig("plain", embed_dim=16, cross_attention_dim=cross),
+                   "plus": ProjectionConfig("plus", embed_dim=16, cross_attention_dim=cross, num_tokens=8,
+                                            hidden_dim=128, heads=2, dim_head=64)}
+    for variant in VARIANTS[arch]:
+        projection = projections[variant]
         adapter = new_ip_adapter(setup.config, setup.params, projection, jax.random.key(0))
         # The paper's init copies to_k/to_v; perturb so the image branch differs from the text branch.
         leaves, tree = jax.tree.flatten(adapter.params)
         keys = jax.random.split(jax.random.key(1), len(leaves))
         adapter.params = jax.tree.unflatten(
             tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-        save_ip_adapter(adapter, tmp_path / f"{variant}.safetensors")
+        for write in WRITES[arch]:
+            if write == "export":
+                dtype = _shipped_export_dtype(arch)
+                path = export_adapter(adapter.params, projection, tmp_path / f"{variant}_run", step=1, keep=1,
+                                      dtype=dtype)
+            else:
+                dtype, path = "float32", tmp_path / f"{variant}.safetensors"
+                save_ip_adapter(adapter, path)
+            assert {str(v.dtype) for v in load_file(str(path)).values()} == {dtype}
+            written = IPAdapter(projection, jax.tree.map(lambda x: np.asarray(x).astype(dtype).astype(np.float32),
+                                                         adapter.params))
 
-        class Holder(IPAdapterMixin):  # the pipeline mixin's real loading code, on a bare UNet
-            unet = setup.torch_unet
+            class Holder(IPAdapterMixin):  # the pipeline mixin's real loading code, on a bare UNet
+                unet = setup.torch_unet
 
-        Holder().load_ip_adapter(str(tmp_path), subfolder="", weight_name=f"{variant}.safetensors")
-        features = [setup.features(variant, 0)]
-        for scale in (0.5, 1.0):
-            Holder().set_ip_adapter_scale(scale)
-            added = dict(setup.torch_added, image_embeds=[f.unsqueeze(1) for f in features])
-            with torch.no_grad():
-                ref = setup.torch_unet(setup.x, setup.t, setup.text, added_cond_kwargs=added).sample.numpy()
-            ours = setup.run_ours([adapter], features, scale)
-            assert np.abs(ours - ref).max() <= TOL, (variant, scale, np.abs(ours - ref).max())
+            Holder().load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name)
+            features = [setup.features(variant, 0)]
+            for scale in (0.5, 1.0):
+                Holder().set_ip_adapter_scale(scale)
+                added = dict(setup.torch_added, image_embeds=[f.unsqueeze(1) for f in features])
+                with torch.no_grad():
+                    ref = setup.torch_unet(setup.x, setup.t, setup.text, added_cond_kwargs=added).sample.numpy()
+                ours = setup.run_ours([written], features, scale)
+                assert np.abs(ours - ref).max() <= TOL, (write, variant, scale, np.abs(ours - ref).max())
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])

@@ -1,5 +1,5 @@
 """``IPAdapterPipeline`` on 1, 2 and 8 simulated CPU devices (a subprocess with
-``--xla_force_host_platform_device_count=8``): the same pixels (<= 1e-5 fp32) for batches 1, 3 and 8, the
+``--xla_force_host_platform_device_count=8``): the same pixels (<= 3e-5 fp32) for batches 1, 3 and 8, the
 compiled loop's noise input split over the mesh's ``data`` axis (read from the compiled executable), batches
 that do not divide over the devices padded and cut, ``num_images_per_prompt`` in diffusers' order, and the
 weights split over ``fsdp`` giving the same pixels. The shipped toy base and adapter are the model."""
@@ -12,7 +12,11 @@ import pytest
 
 from device_support import run_on_simulated_devices
 
-PIXEL_TOL = 1e-5
+# Float rounding, not sharding: XLA:CPU blocks its kernels by the per-device batch, so the reduction order (and
+# the last bits) follow the batch each device sees. On one device, images 0-3 of a batch of 8 differ from the
+# same 4 images alone by 5.5e-6; 2 devices x batch 8 vs 1 device differ by 1.6e-5 (Intel Sapphire Rapids,
+# jax 0.10.2). A wrong split (a shuffled, dropped or duplicated image) moves pixels by > 1e-2.
+PIXEL_TOL = 3e-5
 
 SCRIPT = textwrap.dedent('''
     import json, sys

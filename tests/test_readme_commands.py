@@ -46,6 +46,9 @@ COVERED_BY = {
     "python3 benchmarks/train_bench.py": ["tests/test_benchmarks_smoke.py::test_train_bench_prints_the_ratio"],
     'python3 -m pip install -e ".[test]"': [".ci/run: " + TEST_COMMAND],  # the install half of it
     'python3 -m pip install -e ".[tpu]"': ["tests/test_readme_commands.py::test_extras_the_readme_installs_exist"],
+    'python3 -m pip install -e ".[face]"': ["tests/test_readme_commands.py::test_extras_the_readme_installs_exist"],
+    "python3 -m ipadapter_jax.tools.face_embeds": ["tests/test_face_embeds_cli.py::test_largest_face_per_image_and_crops",
+                                                   "tests/test_face_embeds_cli.py::test_missing_model_folder_is_one_line"],
     "jupyter execute notebooks/quickstart.ipynb": ["tests/test_notebook.py::test_quickstart_runs_top_to_bottom"],
     "jupyter execute --inplace notebooks/quickstart.ipynb": [
         "tests/test_notebook.py::test_quickstart_runs_top_to_bottom",
@@ -78,7 +81,7 @@ COVERED_BY = {
     # Third-party tools. What of ours they rely on is tested where named; the inner --command of an ssh is
     # checked as a README command of its own.
     "gcloud compute tpus tpu-vm ssh": [
-        "tests/test_train_multiprocess.py::test_two_processes_train_on_disjoint_shards_and_write_one_checkpoint"],
+        "tests/test_train_multiprocess.py::test_two_processes_train_on_disjoint_shards_write_one_checkpoint_and_stop_together"],
     "gcloud compute tpus tpu-vm create": ["third-party: creates the TPU VM"],
     "gcloud compute tpus tpu-vm scp": ["third-party: copies the checkout to the workers"],
     "gcloud storage cp": ["third-party: gs:// shard URLs are read by tests/test_data_webdataset_source.py"

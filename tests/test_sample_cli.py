@@ -29,6 +29,7 @@ def test_sample_cli_writes_images_grid_and_reuses_compilations(tmp_path):
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "compiling and sampling" in first.stdout and "sampled in" in first.stdout
+    assert "sampler: ddim (DDIM, the model's DDIMScheduler config), 3 steps" in first.stdout, first.stdout
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["000.png", "001.png", "002.png", "grid.png"]
     image = Image.open(tmp_path / "out" / "001.png")

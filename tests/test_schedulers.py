@@ -13,14 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from ipadapter_jax.diffusion import noise_schedule
 from ipadapter_jax.diffusion.ddim import DDIMSampler
 from ipadapter_jax.diffusion.dpm_solver import DPMSolverPP2MSampler
 from ipadapter_jax.diffusion.euler import EulerSampler
 from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule
-from ipadapter_jax.diffusion.samplers import from_diffusers_config, make_sampler, sample_loop
+from ipadapter_jax.diffusion.pndm import PNDMSampler
+from ipadapter_jax.diffusion.samplers import describe_sampler, from_diffusers_config, make_sampler, sample_loop
 
 # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (= shared/reference/configs/sd15_scheduler.json),
 # inlined so the test needs no file outside the repository.
@@ -81,14 +82,24 @@ SPECIFIC_CONFIGS = {
         "lambda_clipped_trailing_v": {**V_TRAILING, "lambda_min_clipped": -2.0},
     },
 }
-REFERENCES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler}
-OURS = {"ddim": DDIMSampler, "euler": EulerSampler, "dpm++2m": DPMSolverPP2MSampler}
+# PNDM: only PLMS (skip_prk_steps=true, as SD1.5's and SDXL's configs set), epsilon or v; diffusers' PNDM has no
+# zero-terminal-SNR option. Its warm-up (one repeated timestep, then orders 2 and 3) is all of 1-3 steps.
+PNDM_CONFIGS = {
+    "sd15": SD15,
+    "sdxl": SDXL,
+    "v_trailing": V_TRAILING,
+    "cosine_leading": {**COMMON_CONFIGS["cosine_leading"], "skip_prk_steps": True},
+    "alpha_one_linspace": {**SD15, "set_alpha_to_one": True, "timestep_spacing": "linspace"},
+}
+REFERENCES = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler,
+              "pndm": PNDMScheduler}
+OURS = {"ddim": DDIMSampler, "euler": EulerSampler, "dpm++2m": DPMSolverPP2MSampler, "pndm": PNDMSampler}
 CASES = [
     (name, config_name, config, steps)
     for name in REFERENCES
-    for config_name, config in {**COMMON_CONFIGS, **SPECIFIC_CONFIGS[name]}.items()
+    for config_name, config in (PNDM_CONFIGS if name == "pndm" else {**COMMON_CONFIGS, **SPECIFIC_CONFIGS[name]}).items()
     for steps in (10, 25, 50)
-]
+] + [("pndm", "sd15", SD15, steps) for steps in (1, 2, 3)]
 CASE_IDS = [f"{name}-{config_name}-{steps}" for name, config_name, _, steps in CASES]
 TOLERANCE = 1e-5
 # diffusers' Euler step computes x + (x - x0) / sigma * (sigma_next - sigma) in float32. Starting from
@@ -186,17 +197,24 @@ def test_euler_from_zero_terminal_snr_is_accurate():
 
 
 def test_from_diffusers_config_picks_the_class():
-    assert isinstance(from_diffusers_config(SD15, 10), DDIMSampler)  # PNDM falls back to DDIM.
+    assert isinstance(from_diffusers_config(SD15, 10), PNDMSampler)
     assert isinstance(from_diffusers_config(SDXL, 10), EulerSampler)
     assert isinstance(from_diffusers_config({**SD15, "_class_name": "DDIMScheduler"}, 10), DDIMSampler)
     assert isinstance(from_diffusers_config({**SD15, "_class_name": "DPMSolverMultistepScheduler"}, 10),
                       DPMSolverPP2MSampler)
-    # The PNDM fallback samples exactly like DDIMScheduler.from_config on the same config.
-    reference = DDIMScheduler.from_config(SD15)
+    # DDPM is not implemented: its config samples exactly like DDIMScheduler.from_config on the same config,
+    # and the description says so.
+    ddpm = {**SD15, "_class_name": "DDPMScheduler"}
+    assert isinstance(from_diffusers_config(ddpm, 25), DDIMSampler)
+    reference = DDIMScheduler.from_config(ddpm)
     reference.set_timesteps(25)
     noise = starting_noise(seed=1)
-    ours = our_trajectory(from_diffusers_config(SD15, 25), noise)[-1]
+    ours = our_trajectory(from_diffusers_config(ddpm, 25), noise)[-1]
     assert relative_error(ours, reference_trajectory(reference, noise)[-1]) <= TOLERANCE
+    assert "ddim" in describe_sampler(None, ddpm, 25) and "not implemented" in describe_sampler(None, ddpm, 25)
+    assert describe_sampler(None, SD15, 50) == ("sampler: pndm (PNDM (PLMS), the model's PNDMScheduler config), "
+                                                "50 steps (51 UNet evaluations)")
+    assert describe_sampler("euler", SD15, 20).startswith("sampler: euler (Euler, chosen by name")
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCES))
@@ -276,10 +294,15 @@ BAD_CONFIGS = [
     ("dpm++2m", {**SD15, "solver_order": 3}, "solver_order"),
     ("dpm++2m", {**SD15, "solver_type": "heun"}, "solver_type"),
     ("dpm++2m", {**SD15, "final_sigmas_type": "one"}, "final_sigmas_type"),
+    ("pndm", {**SD15, "skip_prk_steps": False}, "skip_prk_steps=false .* not implemented"),
+    ("pndm", {k: v for k, v in SD15.items() if k != "skip_prk_steps"}, "skip_prk_steps"),
+    ("pndm", {**SD15, "prediction_type": "sample"}, "prediction_type"),
+    ("pndm", {**SD15, "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ("pndm", {**SD15, "timestep_spacing": "uniform"}, "timestep_spacing"),
 ]
 
 
-@pytest.mark.parametrize(("name", "config", "message"), BAD_CONFIGS, ids=[m for _, _, m in BAD_CONFIGS])
+@pytest.mark.parametrize(("name", "config", "message"), BAD_CONFIGS, ids=[f"{n}-{m}" for n, _, m in BAD_CONFIGS])
 def test_unsupported_config_values_raise(name, config, message):
     with pytest.raises(ValueError, match=message):
         make_sampler(name, config, 10)

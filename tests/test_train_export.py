@@ -1,9 +1,10 @@
 """The adapter a training run exports (``WORKDIR/ip_adapter.safetensors``) loads in diffusers and behaves the
 same there as in ipadapter_jax: the same noise prediction through ``UNet2DConditionModel._load_ip_adapter_weights``
 and the same images through ``StableDiffusionPipeline.load_ip_adapter`` (the IPAdapterMixin) as through our
-``IPAdapterPipeline``.
+``IPAdapterPipeline``. The run exports in the dtype the shipped SD1.5 config sets (``checkpoint.export_dtype``,
+float16 as published); both sides read that file, so both use the same rounded weights.
 
-Metrics (fp32, CPU): noise prediction max |ours - diffusers| <= 1e-4; images in [0, 1] max abs <= 2e-3.
+Metrics (fp32 compute, CPU): noise prediction max |ours - diffusers| <= 1e-4; images in [0, 1] max abs <= 2e-3.
 """
 
 from __future__ import annotations
@@ -29,9 +30,17 @@ IMAGE_TOL = 2e-3
 
 @pytest.fixture(scope="module")
 def exported(world, tmp_path_factory) -> Path:
+    from configs import sd15
+
     workdir = tmp_path_factory.mktemp("export")
-    main(tiny_config(world, num_steps=20, checkpoint__every_steps=20, log__every_steps=20), workdir)
-    return workdir / "ip_adapter.safetensors"
+    export_dtype = sd15.get_config().checkpoint.export_dtype
+    main(tiny_config(world, num_steps=20, checkpoint__every_steps=20, log__every_steps=20,
+                     checkpoint__export_dtype=export_dtype), workdir)
+    path = workdir / "ip_adapter.safetensors"
+    from safetensors.numpy import load_file
+
+    assert {str(v.dtype) for v in load_file(str(path)).values()} == {export_dtype}
+    return path
 
 
 def _torch_state(path):

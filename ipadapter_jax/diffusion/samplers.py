@@ -1,4 +1,5 @@
-"""The functional sampler interface shared by DDIM, Euler and DPM-Solver++(2M), and the whole-loop runner.
+"""The functional sampler interface shared by DDIM, Euler, DPM-Solver++(2M) and PNDM (PLMS), and the
+whole-loop runner.
 
 Usage (the loop body is what ``sample_loop`` runs under ``jax.lax.fori_loop``)::
 
@@ -26,10 +27,12 @@ import jax.numpy as jnp
 from ipadapter_jax.diffusion.ddim import DDIMSampler
 from ipadapter_jax.diffusion.dpm_solver import DPMSolverPP2MSampler
 from ipadapter_jax.diffusion.euler import EulerSampler
+from ipadapter_jax.diffusion.pndm import PNDMSampler
 
 
 class Sampler(Protocol):
-    """What every sampler provides; ``S = len(timesteps)``, step index ``i`` in ``[0, S)``."""
+    """What every sampler provides; ``S = len(timesteps)`` model calls (the inference steps; one more for
+    PNDM), step index ``i`` in ``[0, S)``."""
 
     timesteps: jax.Array  # [S], the timestep the model gets at step i (int32, or float32 for Euler).
     init_noise_sigma: float  # Unit noise times this is the starting latents.
@@ -48,22 +51,25 @@ SAMPLERS: dict[str, Callable[[Mapping[str, Any], int], Sampler]] = {
     "ddim": DDIMSampler.from_config,
     "euler": EulerSampler.from_config,
     "dpm++2m": DPMSolverPP2MSampler.from_config,
+    "pndm": PNDMSampler.from_config,
 }
 
-# diffusers scheduler class -> our sampler. PNDM and DDPM are not implemented: their configs sample with
-# DDIM on the same betas, as ``DDIMScheduler.from_config(config)`` would (so a config without
-# ``clip_sample`` gets DDIM's default clip_sample=True, exactly like diffusers).
+# diffusers scheduler class -> our sampler. DDPM's ancestral sampling is not implemented: a DDPMScheduler
+# config samples with DDIM on the same betas, as ``DDIMScheduler.from_config(config)`` would (so a config
+# without ``clip_sample`` gets DDIM's default clip_sample=True, exactly like diffusers); ``describe_sampler``
+# says so wherever a sampler is chosen.
 DIFFUSERS_SCHEDULERS: dict[str, str] = {
     "DDIMScheduler": "ddim",
-    "PNDMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
     "DDPMScheduler": "ddim",
     "EulerDiscreteScheduler": "euler",
     "DPMSolverMultistepScheduler": "dpm++2m",
 }
+_DESCRIPTIONS = {"ddim": "DDIM", "euler": "Euler", "dpm++2m": "DPM-Solver++(2M)", "pndm": "PNDM (PLMS)"}
 
 
 def make_sampler(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> Sampler:
-    """The sampler ``name`` ("ddim", "euler" or "dpm++2m") for a diffusers scheduler config dict.
+    """The sampler ``name`` ("ddim", "euler", "dpm++2m" or "pndm") for a diffusers scheduler config dict.
 
     The config's own ``_class_name`` is ignored; the named sampler reads the keys it knows with its
     diffusers class's defaults (as ``<Class>.from_config(config)`` does) and raises ``ValueError`` on
@@ -74,18 +80,35 @@ def make_sampler(name: str, scheduler_config: Mapping[str, Any], num_inference_s
     return SAMPLERS[name](scheduler_config, num_inference_steps)
 
 
-def from_diffusers_config(scheduler_config: Mapping[str, Any], num_inference_steps: int) -> Sampler:
-    """The sampler a diffusers pipeline would use for this ``scheduler_config.json`` (by ``_class_name``).
-
-    PNDMScheduler (SD1.5's default) and DDPMScheduler are not implemented; their configs get DDIM with the
-    same betas and options (see ``DIFFUSERS_SCHEDULERS``).
-    """
+def sampler_name_for(scheduler_config: Mapping[str, Any]) -> str:
+    """The name of the sampler a diffusers pipeline would use for this ``scheduler_config.json`` (by
+    ``_class_name``; DDPMScheduler gets "ddim", see ``DIFFUSERS_SCHEDULERS``)."""
     class_name = scheduler_config.get("_class_name")
     if class_name not in DIFFUSERS_SCHEDULERS:
         raise ValueError(
             f"scheduler _class_name={class_name!r} is not supported; supported: {sorted(DIFFUSERS_SCHEDULERS)}"
         )
-    return make_sampler(DIFFUSERS_SCHEDULERS[class_name], scheduler_config, num_inference_steps)
+    return DIFFUSERS_SCHEDULERS[class_name]
+
+
+def from_diffusers_config(scheduler_config: Mapping[str, Any], num_inference_steps: int) -> Sampler:
+    """The sampler a diffusers pipeline would use for this ``scheduler_config.json`` (by ``_class_name``)."""
+    return make_sampler(sampler_name_for(scheduler_config), scheduler_config, num_inference_steps)
+
+
+def describe_sampler(name: str | None, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> str:
+    """One line saying which sampler runs and why, e.g. ``sampler: pndm (PNDM (PLMS), the model's
+    PNDMScheduler config), 50 steps (51 UNet evaluations)``. ``name`` None: the model's config decides."""
+    class_name = scheduler_config.get("_class_name")
+    if name is None:
+        name = sampler_name_for(scheduler_config)
+        why = f"the model's {class_name} config"
+        if class_name == "DDPMScheduler":
+            why += " (DDPM's ancestral sampling is not implemented; DDIM on the same noise schedule)"
+    else:
+        why = f"chosen by name; the model's config is {class_name}"
+    calls = f" ({num_inference_steps + 1} UNet evaluations)" if name == "pndm" and num_inference_steps > 1 else ""
+    return f"sampler: {name} ({_DESCRIPTIONS[name]}, {why}), {num_inference_steps} steps{calls}"
 
 
 def sample_loop(

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ipadapter_jax.models.lora import add_lora
+
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -114,7 +116,8 @@ class MultiHeadAttention(nn.Module):
     """diffusers' ``Attention`` (self or cross): ``to_q``, ``to_k``, ``to_v`` without bias, ``to_out_0``.
 
     Call: ``x [batch, q_tokens, query_dim]``, ``context [batch, kv_tokens, context_dim]`` or None for
-    self-attention -> ``[batch, q_tokens, out_dim or query_dim]``.
+    self-attention -> ``[batch, q_tokens, out_dim or query_dim]``. A FaceID adapter's LoRA on the UNet's
+    self-attentions adds to the four projections when its weights are given (``lora.py``).
     """
 
     heads: int
@@ -131,10 +134,10 @@ class MultiHeadAttention(nn.Module):
         inner = self.heads * self.head_dim
         context = x if context is None else context
         dense = lambda name: nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)  # noqa: E731
-        q = split_heads(dense("to_q")(x), self.heads)
-        k = split_heads(dense("to_k")(context), self.heads)
-        v = split_heads(dense("to_v")(context), self.heads)
-        out = dot_product_attention(q, k, v, implementation=self.implementation, upcast=self.upcast)
-        return nn.Dense(self.out_dim or x.shape[-1], use_bias=self.out_bias, dtype=self.dtype, name="to_out_0")(
-            merge_heads(out)
-        )
+        project = lambda name, h: add_lora(self, name, h, dense(name)(h))  # noqa: E731
+        q = split_heads(project("to_q", x), self.heads)
+        k = split_heads(project("to_k", context), self.heads)
+        v = split_heads(project("to_v", context), self.heads)
+        out = merge_heads(dot_product_attention(q, k, v, implementation=self.implementation, upcast=self.upcast))
+        return add_lora(self, "to_out_0", out, nn.Dense(self.out_dim or x.shape[-1], use_bias=self.out_bias,
+                                                       dtype=self.dtype, name="to_out_0")(out))

@@ -7,7 +7,9 @@ to its own (``UNet2DConditionModel(..., down_block_additional_residuals=, mid_bl
 
 Its cross-attention sees the text tokens only: diffusers loads IP-Adapter weights into the UNet alone and its
 ControlNet pipelines call the ControlNet with ``encoder_hidden_states`` (and SDXL's text-time inputs), never
-with image embeddings, so the image prompt reaches the result through the UNet only. NHWC inside.
+with image embeddings, so the image prompt (and a FaceID adapter's LoRA, which diffusers puts on the UNet
+alone) reaches the result through the UNet only: apply the ControlNet with ``{"params": ...}`` and no
+``ip_adapter`` / ``ip_scale`` collections. NHWC inside.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ so the frozen UNet tree and the trainable adapter tree stay apart and only the l
     ``[num_adapters, context_dim, inner_dim]`` (Dense layout, adapters stacked).
   - ``ip_scale``: per layer, ``scale [num_adapters]`` (defaults to 1 when the collection is absent). Scales are
     data, not constants, so changing them never recompiles.
-With no image tokens the layer is exactly the base UNet's cross-attention.
+With no image tokens the layer is exactly the base UNet's cross-attention. A FaceID adapter's LoRA (see
+``lora.py``) adds to ``to_q``, ``to_k``/``to_v`` (text keys and values only, as h94's
+``LoRAIPAttnProcessor``: the image branch has no LoRA) and ``to_out_0`` when its weights are given.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ipadapter_jax.models.adapter_collections import ADAPTER_COLLECTION, SCALE_COLLECTION
 from ipadapter_jax.models.attention import dot_product_attention, merge_heads, split_heads
+from ipadapter_jax.models.lora import add_lora
 
-ADAPTER_COLLECTION = "ip_adapter"
-SCALE_COLLECTION = "ip_scale"
+__all__ = ["ADAPTER_COLLECTION", "SCALE_COLLECTION", "DecoupledCrossAttention"]
 
 
 class DecoupledCrossAttention(nn.Module):
@@ -43,11 +46,14 @@ class DecoupledCrossAttention(nn.Module):
         attend = lambda q, k, v: dot_product_attention(  # noqa: E731
             q, k, v, implementation=self.implementation, upcast=self.upcast
         )
-        q = split_heads(dense("to_q")(x), self.heads)
-        out = attend(q, split_heads(dense("to_k")(context), self.heads), split_heads(dense("to_v")(context), self.heads))
+        project = lambda name, h: add_lora(self, name, h, dense(name)(h))  # noqa: E731
+        q = split_heads(project("to_q", x), self.heads)
+        out = attend(q, split_heads(project("to_k", context), self.heads),
+                     split_heads(project("to_v", context), self.heads))
         if image_tokens:
             out = out + self._image_attention(q, image_tokens, attend)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(merge_heads(out))
+        out = merge_heads(out)
+        return add_lora(self, "to_out_0", out, nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out))
 
     def _image_attention(self, q, image_tokens, attend) -> jax.Array:
         if not (self.has_variable(ADAPTER_COLLECTION, "to_k_ip") and self.has_variable(ADAPTER_COLLECTION, "to_v_ip")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,36 +14,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.diffusion.samplers import from_diffusers_config, make_sampler
+from ipadapter_jax.diffusion.samplers import describe_sampler, from_diffusers_config, make_sampler
 from ipadapter_jax.models.adapter import IPAdapter, check_adapter_fits
 from ipadapter_jax.models.ip_scales import resolve_ip_scales
 from ipadapter_jax.models.vae import decode_latents
 from ipadapter_jax.pipeline.components import BaseModel, ImageEncoder, load_base_model, load_image_encoder
 from ipadapter_jax.pipeline.conditioning import as_image_list, encode_image_prompt, encode_text, pil_or_array
 from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.pipeline.image_encoders import check_encoder_fits, image_encoder_dirs
 from ipadapter_jax.models.attention import resolve_attention_implementation
 from ipadapter_jax.pipeline.sharded_batch import local_mesh, place_generate_inputs, place_replicated
 from ipadapter_jax.train.config import MeshConfig
 from ipadapter_jax.train.sharding import put_host_tree, weight_shardings
 from ipadapter_jax.weights.ip_adapter_file import load_ip_adapter
-from ipadapter_jax.weights.remote_files import is_url, local_file, local_folder
-from ipadapter_jax.weights.safetensors_io import WeightFileError
+from ipadapter_jax.weights.remote_files import local_file, local_folder
 
 PathLike = str | os.PathLike
+logger = logging.getLogger(__name__)
 
 
-def _find_image_encoder(sd_dir: Path, adapter_paths: Sequence[Path], adapter_urls: Sequence[str] = ()) -> Path | None:
-    """Where published layouts keep it: ``<sd_dir>/image_encoder`` or ``image_encoder/`` beside the adapter
-    file (h94's ``models/image_encoder``)."""
-    for candidate in [sd_dir / "image_encoder"] + [p.parent / "image_encoder" for p in adapter_paths]:
-        if (candidate / "config.json").is_file():
-            return candidate
-    for adapter in adapter_urls:  # beside an adapter at a URL: copied only when it is there
-        try:
-            return local_folder(adapter.rsplit("/", 1)[0] + "/image_encoder")
-        except WeightFileError:
-            continue
-    return None
+def _refuse_face_adapters(adapters: Sequence[IPAdapter]) -> None:
+    for adapter in adapters:
+        if adapter.projection.uses_face_embeds:
+            # The weights load and run at the UNet (models/, tests/test_faceid_parity.py); taking face
+            # embeddings through the pipeline's conditioning is not built yet.
+            raise ValueError(f"a {adapter.variant} (FaceID) IP-Adapter takes face embeddings, which "
+                             "IPAdapterPipeline does not accept yet")
 
 
 class IPAdapterPipeline:
@@ -58,12 +55,18 @@ class IPAdapterPipeline:
     devices are TPUs, XLA elsewhere), ``"xla"``, ``"pallas"``, ...; resolved for the mesh's devices.
     """
 
-    def __init__(self, base: BaseModel, adapters: Sequence[IPAdapter] = (), image_encoder: ImageEncoder | None = None,
+    def __init__(self, base: BaseModel, adapters: Sequence[IPAdapter] = (),
+                 image_encoder: ImageEncoder | Sequence[ImageEncoder] | None = None,
                  devices: Sequence[jax.Device] | None = None, fsdp: int = 1, attention_implementation: str = "auto"):
         for adapter in adapters:
             check_adapter_fits(base.unet_config, adapter)
-        if adapters and image_encoder is None:
-            raise ValueError("IP-Adapters need an image encoder (image_encoder=DIR)")
+        _refuse_face_adapters(adapters)
+        encoders = list(image_encoder) if isinstance(image_encoder, (list, tuple)) else [image_encoder] * len(adapters)
+        if adapters and (len(encoders) != len(adapters) or any(e is None for e in encoders)):
+            raise ValueError(f"{len(adapters)} IP-Adapters need an image encoder (image_encoder=DIR), or one per "
+                             f"adapter")
+        for i, (adapter, encoder) in enumerate(zip(adapters, encoders)):
+            check_encoder_fits(adapter, encoder.encoder.config, f"IP-Adapter {i}")
         self.mesh = local_mesh(devices, fsdp)
         self.mesh_config = MeshConfig(data=self.mesh.shape["data"], fsdp=fsdp)
         # The denoising loop's weights live on the mesh once, not copied there on every call; the text and
@@ -77,37 +80,39 @@ class IPAdapterPipeline:
         base = dataclasses.replace(base, unet=on_mesh(base.unet), vae=on_mesh(base.vae))
         self.base = base
         self.adapters = [dataclasses.replace(a, params=place(a.params)) for a in adapters]
-        self.image_encoder = image_encoder
+        self.image_encoders = encoders  # one per adapter (the same object where they share one)
+        self.image_encoder = encoders[0] if adapters else image_encoder
         vae = base.vae
         # One function object for the pipeline's lifetime: it is a static argument of the jitted loop.
         self._decode = functools.partial(_decode, vae.module)
 
     @classmethod
     def from_pretrained(cls, sd_dir: PathLike, ip_adapter: PathLike | Sequence[PathLike] | None = None,
-                        image_encoder: PathLike | None = None, dtype: str = "float32",
+                        image_encoder: PathLike | Sequence[PathLike] | None = None, dtype: str = "float32",
                         devices: Sequence[jax.Device] | None = None, fsdp: int = 1,
                         attention_implementation: str = "auto") -> "IPAdapterPipeline":
         """``sd_dir``: diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
         ``tokenizer/``, ``scheduler/``, and for SDXL ``text_encoder_2/``, ``tokenizer_2/``). ``ip_adapter``:
         one published-layout file or a list. ``image_encoder``: a transformers CLIPVisionModelWithProjection
-        folder (found beside the adapter or in ``sd_dir`` when omitted). ``dtype``: "float32" or "bfloat16".
-        ``devices``, ``fsdp``, ``attention_implementation``: see the class docstring."""
+        folder, or a list with one per adapter (a ViT-H and a bigG adapter together); when omitted, each
+        adapter's is found where published layouts keep it, the first whose width fits the adapter (see
+        ``pipeline/image_encoders.py``). ``dtype``: "float32" or "bfloat16". ``devices``, ``fsdp``,
+        ``attention_implementation``: see the class docstring."""
         # gs:// and other URLs: cached local copies (see weights/remote_files.py).
         sd_dir = local_folder(sd_dir)
         specs = [] if ip_adapter is None else list(
             [ip_adapter] if isinstance(ip_adapter, (str, os.PathLike)) else ip_adapter)
         paths = [local_file(p) for p in specs]
-        base = load_base_model(sd_dir, dtype)
         adapters = [load_ip_adapter(p) for p in paths]
-        encoder = None
-        if adapters:
-            folder = local_folder(image_encoder) if image_encoder is not None else _find_image_encoder(
-                sd_dir, paths, [str(p) for p in specs if is_url(p)])
-            if folder is None:
-                raise FileNotFoundError("no image encoder: pass image_encoder=DIR (a CLIPVisionModelWithProjection "
-                                        "folder), or put it in <sd_dir>/image_encoder")
-            encoder = load_image_encoder(folder, dtype, base_folder=sd_dir)
-        return cls(base, adapters, encoder, devices=devices, fsdp=fsdp,
+        _refuse_face_adapters(adapters)
+        # Which encoder each adapter gets is settled from config files before any weights load.
+        folders = image_encoder_dirs(image_encoder, sd_dir, specs, paths, adapters)
+        base = load_base_model(sd_dir, dtype)
+        loaded: dict[Path, ImageEncoder] = {}
+        for folder in folders:
+            if folder not in loaded:
+                loaded[folder] = load_image_encoder(folder, dtype, base_folder=sd_dir)
+        return cls(base, adapters, [loaded[f] for f in folders] or None, devices=devices, fsdp=fsdp,
                    attention_implementation=attention_implementation)
 
     def default_size(self) -> tuple[int, int]:
@@ -126,7 +131,9 @@ class IPAdapterPipeline:
           or a list with one per adapter; it conditions the whole batch. None: text only.
         ip_scale: a number, a per-block dict (see ``models/ip_scales.py``), or a list with one per adapter.
         latents: optional starting noise in diffusers' layout ``(batch * N, 4, height/8, width/8)``.
-        scheduler: "ddim", "euler", "dpm++2m", or None for the checkpoint's own scheduler config.
+        scheduler: "ddim", "euler", "dpm++2m", "pndm", or None for the checkpoint's own scheduler config
+          (SD1.5's is PNDM; a DDPM config samples with DDIM). Each call logs which one ran (INFO, this
+          module's logger; ``describe_sampler``).
         """
         args, batch = self.generate_args(prompt, ip_adapter_image, ip_scale, negative_prompt, num_inference_steps,
                                          guidance_scale, height, width, latents, seed, scheduler,
@@ -157,6 +164,7 @@ class IPAdapterPipeline:
         guided = guidance_scale > 1.0
         sampler = (from_diffusers_config(self.base.scheduler_config, num_inference_steps) if scheduler is None
                    else make_sampler(scheduler, self.base.scheduler_config, num_inference_steps))
+        logger.info(describe_sampler(scheduler, self.base.scheduler_config, num_inference_steps))
 
         shape = (len(prompts), height // factor, width // factor, self.base.unet_config.in_channels)
         if latents is None:
@@ -186,8 +194,8 @@ class IPAdapterPipeline:
         if len(images) != len(self.adapters):
             raise ValueError(f"{len(images)} reference images for {len(self.adapters)} IP-Adapters: give one per "
                              f"adapter")
-        features = [encode_image_prompt(self.image_encoder, adapter.projection, [pil_or_array(image)], guided)
-                    for adapter, image in zip(self.adapters, images)]
+        features = [encode_image_prompt(encoder, adapter.projection, [pil_or_array(image)], guided)
+                    for adapter, encoder, image in zip(self.adapters, self.image_encoders, images)]
         return self.adapters, features
 
 

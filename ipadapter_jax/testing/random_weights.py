@@ -25,12 +25,72 @@ def torch_cross_attention_widths(unet) -> list[int]:
             for name in unet.attn_processors if name.endswith("attn2.processor")]
 
 
+def torch_attention_shapes(unet) -> list[tuple[int, int, int]]:
+    """``(query_dim, context_dim, inner)`` of every attention of the torch UNet, in ``attn_processors`` order
+    (the numbering of a FaceID file's LoRA keys)."""
+    modules = dict(unet.named_modules())
+    shapes = []
+    for name in unet.attn_processors:
+        attn = modules[name[: -len(".processor")]]
+        shapes.append((attn.to_q.weight.shape[1], attn.to_k.weight.shape[1], attn.to_q.weight.shape[0]))
+    return shapes
+
+
+def random_faceid_state(attentions: list[tuple[int, int, int]], cross_dim: int, variant: str, seed: int,
+                        lora_rank: int | None = 4, id_dim: int = 16, clip_dim: int = 16, num_tokens: int = 4,
+                        perceiver_inner: int = 128, std: float = 0.2) -> dict[str, dict[str, np.ndarray]]:
+    """A FaceID state dict in h94's published layout (``ip_adapter_faceid.py``) of random float32 arrays.
+
+    attentions: ``torch_attention_shapes(unet)``; the cross-attentions are the odd entries.
+    variant: "faceid" (``MLPProjModel``; Portrait with ``num_tokens=16, lora_rank=None``) or "faceid_plus"
+      (``ProjPlusModel``: the same MLP at the perceiver's width, here ``cross_dim``, and its
+      ``perceiver_resampler``: depth 4, 64-wide heads, ``perceiver_inner`` wide, feed-forward x4, as
+      diffusers' loader builds it whatever the file holds).
+    lora_rank: the LoRA on every attention (``{k}.to_{q,k,v,out}_lora.{down,up}.weight``), None for none.
+    """
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: (rng.standard_normal(shape) * std).astype(np.float32)  # noqa: E731
+    proj = {"proj.0.weight": r(2 * id_dim, id_dim), "proj.0.bias": r(2 * id_dim),
+            "proj.2.weight": r(num_tokens * cross_dim, 2 * id_dim), "proj.2.bias": r(num_tokens * cross_dim),
+            "norm.weight": 1 + r(cross_dim), "norm.bias": r(cross_dim)}
+    if variant == "faceid_plus":
+        d, p = cross_dim, "perceiver_resampler"
+        proj.update({f"{p}.proj_in.weight": r(d, clip_dim), f"{p}.proj_in.bias": r(d),
+                     f"{p}.proj_out.weight": r(cross_dim, d), f"{p}.proj_out.bias": r(cross_dim),
+                     f"{p}.norm_out.weight": 1 + r(cross_dim), f"{p}.norm_out.bias": r(cross_dim)})
+        for i in range(4):
+            q = f"{p}.layers.{i}"
+            proj.update({
+                f"{q}.0.norm1.weight": 1 + r(d), f"{q}.0.norm1.bias": r(d),
+                f"{q}.0.norm2.weight": 1 + r(d), f"{q}.0.norm2.bias": r(d),
+                f"{q}.0.to_q.weight": r(perceiver_inner, d), f"{q}.0.to_kv.weight": r(2 * perceiver_inner, d),
+                f"{q}.0.to_out.weight": r(d, perceiver_inner),
+                f"{q}.1.0.weight": 1 + r(d), f"{q}.1.0.bias": r(d),
+                f"{q}.1.1.weight": r(4 * d, d), f"{q}.1.3.weight": r(d, 4 * d),
+            })
+    elif variant != "faceid":
+        raise ValueError(variant)
+    layers = {}
+    for k, (query_dim, context_dim, inner) in enumerate(attentions):
+        if k % 2:
+            layers[f"{k}.to_k_ip.weight"] = r(inner, cross_dim)
+            layers[f"{k}.to_v_ip.weight"] = r(inner, cross_dim)
+        if lora_rank:
+            for name, n_in, n_out in (("to_q", query_dim, inner), ("to_k", context_dim, inner),
+                                      ("to_v", context_dim, inner), ("to_out", inner, query_dim)):
+                layers[f"{k}.{name}_lora.down.weight"] = r(lora_rank, n_in)
+                layers[f"{k}.{name}_lora.up.weight"] = r(n_out, lora_rank)
+    return {"image_proj": proj, "ip_adapter": layers}
+
+
 def random_ip_adapter_state(widths: list[int], cross_dim: int, variant: str, seed: int,
                             embed_dim: int = 16, hidden_dim: int = 128, depth: int = 4, queries: int = 6,
                             std: float = 0.2) -> dict[str, dict[str, np.ndarray]]:
     """A published-layout state dict ``{"image_proj": ..., "ip_adapter": ...}`` of random float32 arrays.
 
-    Plus uses depth 4 and 64-wide heads: diffusers' loader builds exactly that whatever the file holds."""
+    Plus uses depth 4 and 64-wide heads: diffusers' loader builds exactly that whatever the file holds. Full
+    (``MLPProjModel``, h94's ``ip-adapter-full-face_sd15``) is Linear(embed, embed), GELU, Linear(embed,
+    cross), LayerNorm, its keys named by ``nn.Sequential`` index (``proj.0``, ``proj.2``, ``proj.3``)."""
     rng = np.random.default_rng(seed)
     r = lambda *shape: (rng.standard_normal(shape) * std).astype(np.float32)  # noqa: E731
     if variant == "plain":
@@ -50,6 +110,10 @@ def random_ip_adapter_state(widths: list[int], cross_dim: int, variant: str, see
                 f"{p}.1.0.weight": 1 + r(hidden_dim), f"{p}.1.0.bias": r(hidden_dim),
                 f"{p}.1.1.weight": r(4 * hidden_dim, hidden_dim), f"{p}.1.3.weight": r(hidden_dim, 4 * hidden_dim),
             })
+    elif variant == "full":
+        proj = {"proj.0.weight": r(embed_dim, embed_dim), "proj.0.bias": r(embed_dim),
+                "proj.2.weight": r(cross_dim, embed_dim), "proj.2.bias": r(cross_dim),
+                "proj.3.weight": 1 + r(cross_dim), "proj.3.bias": r(cross_dim)}
     else:
         raise ValueError(variant)
     layers = {}

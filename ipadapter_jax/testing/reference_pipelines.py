@@ -3,6 +3,8 @@ parity tests (tiny sizes) and the sampling benchmark (larger sizes). Needs torch
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -48,23 +50,29 @@ def _text_encoder(vocab_size: int, projection: bool, hidden: int = 32):
     return randomize_((CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval(), seed=3)
 
 
-def build_pipeline_dir(kind: str, root: Path, size: str = "tiny") -> Path:
+def build_pipeline_dir(kind: str, root: Path, size: str = "tiny", vae_std: float = 0.15,
+                       published_scheduler: bool = False) -> Path:
     """Save a random ``kind`` ("sd" or "sdxl") diffusers pipeline with an ``image_encoder/`` under root;
-    ``size`` is a key of ``SIZES``."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    ``size`` is a key of ``SIZES``. ``vae_std``: the random VAE weights' scale (larger makes pixels follow
+    the latents more closely). ``published_scheduler``: SD1.5's published scheduler config (PNDM, PLMS)
+    instead of DDIM on the same betas (sd only)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(root / "tok_src"), model_max_length=77)
     image_encoder = randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER)).eval(), seed=4)
     sizes = SIZES[size]
-    vae = randomize_(AutoencoderKL(**sizes["vae"]).eval(), std=0.15, seed=5)
+    vae = randomize_(AutoencoderKL(**sizes["vae"]).eval(), std=vae_std, seed=5)
     unet = randomize_(UNet2DConditionModel(**sizes[f"{kind}_unet"]).eval(), std=0.1, seed=6)
     hidden = sizes["text_hidden"]
     if kind == "sd":
+        scheduler = (PNDMScheduler.from_config(json.loads(resources.files("ipadapter_jax.reference_configs")
+                                                          .joinpath("sd15_scheduler.json").read_text()))
+                     if published_scheduler else DDIMScheduler(**SD_SCHEDULER))
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=_text_encoder(len(tokenizer), False, hidden),
-                                       tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                       tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, image_encoder=image_encoder,
                                        requires_safety_checker=False)
     else:
@@ -80,14 +88,15 @@ def build_pipeline_dir(kind: str, root: Path, size: str = "tiny") -> Path:
     return folder
 
 
-def write_adapter(folder: Path, variant: str, seed: int) -> Path:
-    """A random published-layout adapter that fits the pipeline's UNet and image encoder."""
+def write_adapter(folder: Path, variant: str, seed: int, std: float = 0.2) -> Path:
+    """A random published-layout adapter that fits the pipeline's UNet and image encoder; ``std``: the
+    weights' scale."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     embed = IMAGE_ENCODER["projection_dim"] if variant == "plain" else IMAGE_ENCODER["hidden_size"]
     state = random_ip_adapter_state(torch_cross_attention_widths(unet), unet.config.cross_attention_dim, variant,
-                                    seed=seed, embed_dim=embed)
+                                    seed=seed, embed_dim=embed, std=std)
     path = folder / f"ip_adapter_{variant}_{seed}.safetensors"
     write_ip_adapter_state(state, path)
     return path
