@@ -12,11 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ipadapter_jax.models.embeddings import TimestepEmbedding, timestep_features
 from ipadapter_jax.models.group_norm import GroupNorm
 from ipadapter_jax.models.resnet import conv3x3
-from ipadapter_jax.models.unet_blocks import BlockOptions, DownBlock, MidBlock, UpBlock
-from ipadapter_jax.models.unet_config import CROSS_ATTN_DOWN, CROSS_ATTN_MID, CROSS_ATTN_UP, UNetConfig
+from ipadapter_jax.models.unet_blocks import UpBlock
+from ipadapter_jax.models.unet_config import CROSS_ATTN_UP, UNetConfig
+from ipadapter_jax.models.unet_encoder import block_options, dummy_added_cond, embed_time, encode
 
 
 class UNet2DConditionModel(nn.Module):
@@ -28,6 +28,10 @@ class UNet2DConditionModel(nn.Module):
         "time_ids": [B, 6]}`` (original size, crop top-left, target size).
       image_tokens: one ``[B, N_a, cross_attention_dim]`` array per IP-Adapter (projected image prompt);
         their weights and scales come from the ``ip_adapter`` / ``ip_scale`` variable collections.
+      down_block_additional_residuals, mid_block_additional_residual: a ControlNet's output (both or
+        neither; ``ControlNetModel``): one NHWC array per skip connection, in diffusers'
+        ``down_block_res_samples`` order, added to the skips the up path concatenates, and one added to the
+        mid block's output (diffusers' semantics for these arguments).
     Returns ``[B, H, W, out_channels]``: the predicted noise (or v, per the scheduler).
     """
 
@@ -44,46 +48,30 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: jax.Array,
         added_cond: Mapping[str, jax.Array] | None = None,
         image_tokens: Sequence[jax.Array] = (),
+        down_block_additional_residuals: Sequence[jax.Array] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         image_tokens = tuple(image_tokens)
         batch = sample.shape[0]
         dtype = self.dtype or sample.dtype
-        options = BlockOptions(cfg.norm_num_groups, cfg.norm_eps, cfg.resnet_time_scale_shift,
-                               cfg.use_linear_projection, cfg.upcast_attention, self.attention_implementation,
-                               self.remat)
-
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
-        t_feat = timestep_features(timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   freq_shift=cfg.freq_shift).astype(dtype)
-        temb = TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype, name="time_embedding")(t_feat)
-        if cfg.addition_embed_type == "text_time":
-            temb = temb + self._text_time_embedding(added_cond, batch, dtype)
+        options = block_options(cfg, self.attention_implementation, self.remat)
+        temb = embed_time(cfg, timesteps, added_cond, batch, dtype, self.dtype)
 
         x = sample.astype(dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         x = conv3x3(cfg.block_out_channels[0], "conv_in", self.dtype)(x)
         context = encoder_hidden_states.astype(dtype)
+        x, skips = encode(cfg, options, x, temb, context, image_tokens, self.dtype)
+        if (down_block_additional_residuals is None) != (mid_block_additional_residual is None):
+            raise ValueError("down_block_additional_residuals and mid_block_additional_residual come together "
+                             "(a ControlNet's two outputs): give both or neither")
+        if down_block_additional_residuals is not None:
+            skips = _add_residuals(skips, down_block_additional_residuals, "down_block_additional_residuals")
+            (x,) = _add_residuals([x], [mid_block_additional_residual], "mid_block_additional_residual")
 
-        skips = [x]
         n = len(cfg.block_out_channels)
-        for i, kind in enumerate(cfg.down_block_types):
-            x, block_skips = DownBlock(
-                cfg.block_out_channels[i], cfg.layers_per_block[i], options,
-                heads=cfg.num_heads[i] if kind == CROSS_ATTN_DOWN else None,
-                transformer_layers=cfg.transformer_layers_per_block[i], add_downsample=i < n - 1,
-                downsample_padding=cfg.downsample_padding, dtype=self.dtype, name=f"down_blocks_{i}",
-            )(x, temb, context, image_tokens)
-            skips.extend(block_skips)
-
-        if cfg.mid_block_type is not None:
-            x = MidBlock(cfg.block_out_channels[-1], options,
-                         heads=cfg.num_heads[-1] if cfg.mid_block_type == CROSS_ATTN_MID else None,
-                         transformer_layers=cfg.transformer_layers_per_block[-1],
-                         output_scale_factor=cfg.mid_block_scale_factor, dtype=self.dtype,
-                         name="mid_block")(x, temb, context, image_tokens)
-
         reversed_channels = tuple(reversed(cfg.block_out_channels))
         reversed_heads = tuple(reversed(cfg.num_heads))
         reversed_layers = tuple(reversed(cfg.layers_per_block))
@@ -102,17 +90,6 @@ class UNet2DConditionModel(nn.Module):
         x = GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)
         return conv3x3(cfg.out_channels, "conv_out", self.dtype)(nn.silu(x))
 
-    def _text_time_embedding(self, added_cond, batch, dtype):
-        cfg = self.config
-        if not added_cond or "text_embeds" not in added_cond or "time_ids" not in added_cond:
-            raise ValueError("this UNet (addition_embed_type='text_time') needs added_cond with "
-                             "'text_embeds' and 'time_ids'")
-        time_ids = added_cond["time_ids"]
-        time_feat = timestep_features(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                      flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
-        add = jnp.concatenate([added_cond["text_embeds"].astype(jnp.float32), time_feat.reshape(batch, -1)], -1)
-        return TimestepEmbedding(self.config.time_embed_dim, dtype=self.dtype, name="add_embedding")(add.astype(dtype))
-
     def init_params(self, rng: jax.Array, latent_size: int = 8, text_tokens: int = 77):
         """Random ``params`` for this config (for new models and shape checks; use with ``jax.eval_shape``
         to get shapes without allocating)."""
@@ -122,9 +99,17 @@ class UNet2DConditionModel(nn.Module):
         cfg = self.config
         sample = jnp.zeros((batch, latent_size, latent_size, cfg.in_channels), jnp.float32)
         context = jnp.zeros((batch, text_tokens, cfg.cross_attention_dim), jnp.float32)
-        added = None
-        if cfg.addition_embed_type == "text_time":
-            text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            added = {"text_embeds": jnp.zeros((batch, text_dim), jnp.float32),
-                     "time_ids": jnp.zeros((batch, 6), jnp.float32)}
-        return sample, jnp.zeros((batch,), jnp.int32), context, added
+        return sample, jnp.zeros((batch,), jnp.int32), context, dummy_added_cond(cfg, batch)
+
+
+def _add_residuals(states: list[jax.Array], residuals: Sequence[jax.Array], name: str) -> list[jax.Array]:
+    residuals = list(residuals)
+    if len(residuals) != len(states):
+        raise ValueError(f"{name}: {len(residuals)} arrays for {len(states)} states of this UNet")
+    for i, (s, r) in enumerate(zip(states, residuals)):
+        # Broadcasting allowed, as in diffusers: a ControlNet with global_pool_conditions gives [B, 1, 1, C].
+        if r.ndim != s.ndim or any(a not in (1, b) for a, b in zip(r.shape, s.shape)):
+            raise ValueError(f"{name}[{i}]: shape {tuple(r.shape)} does not fit the UNet's state there, "
+                             f"{tuple(s.shape)} (NHWC)")
+    # In the compute dtype: an f32 residual would otherwise promote a bf16 UNet's up path to f32.
+    return [s + r.astype(s.dtype) for s, r in zip(states, residuals)]

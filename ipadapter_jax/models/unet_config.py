@@ -1,4 +1,5 @@
-"""The UNet's hyperparameters, read from a diffusers ``unet/config.json``.
+"""The UNet's hyperparameters, read from a diffusers ``unet/config.json``, and those of its encoder half,
+which a ControlNet shares (``UNetEncoderConfig``; ``models/controlnet.py`` adds the ControlNet's own).
 
 diffusers' configs carry historical quirks that are resolved here once, so the modules see plain values:
 ``attention_head_dim`` in SD1.5/SDXL configs is really the number of heads (diffusers' own
@@ -76,27 +77,73 @@ class AttentionLayer(NamedTuple):
         return tree
 
 
-def _per_block(value: Any, n: int, name: str) -> tuple:
+def _per_block(value: Any, n: int, name: str, what: str) -> tuple:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise ValueError(f"unet config: {name} has {len(value)} entries for {n} blocks")
+            raise ValueError(f"{what} config: {name} has {len(value)} entries for {n} blocks")
         return tuple(value)
     return (value,) * n
 
 
+def encoder_fields_from_diffusers(config: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The encoder half's values from a diffusers UNet or ControlNet config dict (see ``UNetEncoderConfig``);
+    architecture options this implementation does not build are rejected by name."""
+    for key, default in _REQUIRED_DEFAULTS.items():
+        value = config.get(key, default)
+        if isinstance(value, (list, tuple)) and key == "only_cross_attention":
+            value = any(value)
+        if value != default:
+            raise ValueError(f"{what} config: {key}={value!r} is not supported (only {default!r})")
+    for key in ("block_out_channels", "down_block_types"):
+        if not isinstance(config.get(key), (list, tuple)):
+            raise ValueError(f"{what} config: {key} must be a list, got {config.get(key)!r}")
+    n = len(config["block_out_channels"])
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    if isinstance(config.get("cross_attention_dim"), (list, tuple)):
+        raise ValueError(f"{what} config: per-block cross_attention_dim is not supported")
+    tlpb = config.get("transformer_layers_per_block", 1)
+    if isinstance(tlpb, (list, tuple)) and any(isinstance(r, (list, tuple)) for r in tlpb):
+        raise ValueError(f"{what} config: per-layer transformer_layers_per_block is not supported")
+    addition = config.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        raise ValueError(f"{what} config: addition_embed_type={addition!r} is not supported")
+    return dict(
+        in_channels=config.get("in_channels", 4),
+        block_out_channels=tuple(config["block_out_channels"]),
+        down_block_types=tuple(config["down_block_types"]),
+        mid_block_type=config.get("mid_block_type", CROSS_ATTN_MID),
+        layers_per_block=_per_block(config.get("layers_per_block", 2), n, "layers_per_block", what),
+        cross_attention_dim=config.get("cross_attention_dim", 1280),
+        num_heads=_per_block(heads, n, "num_attention_heads", what),
+        transformer_layers_per_block=_per_block(tlpb, n, "transformer_layers_per_block", what),
+        use_linear_projection=bool(config.get("use_linear_projection", False)),
+        upcast_attention=bool(config.get("upcast_attention", False)),
+        resnet_time_scale_shift=config.get("resnet_time_scale_shift", "default"),
+        flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)),
+        freq_shift=float(config.get("freq_shift", 0)),
+        norm_num_groups=config.get("norm_num_groups", 32),
+        norm_eps=float(config.get("norm_eps", 1e-5)),
+        downsample_padding=config.get("downsample_padding", 1),
+        mid_block_scale_factor=float(config.get("mid_block_scale_factor", 1.0)),
+        addition_embed_type=addition,
+        addition_time_embed_dim=config.get("addition_time_embed_dim"),
+        projection_class_embeddings_input_dim=config.get("projection_class_embeddings_input_dim"),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetEncoderConfig:
+    """The half of the UNet that diffusers' ``ControlNetModel`` copies: time (and SDXL text-time) embedding,
+    ``conv_in``, down blocks, mid block (``models/unet_encoder.py`` builds it for both)."""
+
     in_channels: int = 4
-    out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     down_block_types: tuple[str, ...] = (CROSS_ATTN_DOWN,) * 3 + (PLAIN_DOWN,)
-    up_block_types: tuple[str, ...] = (PLAIN_UP,) + (CROSS_ATTN_UP,) * 3
     mid_block_type: str | None = CROSS_ATTN_MID
     layers_per_block: tuple[int, ...] = (2, 2, 2, 2)
     cross_attention_dim: int = 768
     num_heads: tuple[int, ...] = (8, 8, 8, 8)
     transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
-    reverse_transformer_layers_per_block: tuple[int, ...] | None = None
     use_linear_projection: bool = False
     upcast_attention: bool = False
     resnet_time_scale_shift: str = "default"
@@ -106,94 +153,82 @@ class UNetConfig:
     norm_eps: float = 1e-5
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
-    center_input_sample: bool = False
     time_embedding_dim: int | None = None
     addition_embed_type: str | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+
+    def _validate_encoder(self, what: str) -> None:
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n:
+            raise ValueError(f"{what} config: down block type list must match block_out_channels")
+        known_down = {CROSS_ATTN_DOWN, PLAIN_DOWN}
+        for t in self.down_block_types:
+            if t not in known_down:
+                raise ValueError(f"{what} config: down block type {t!r} is not supported ({sorted(known_down)})")
+        if self.mid_block_type not in (CROSS_ATTN_MID, PLAIN_MID, None):
+            raise ValueError(f"{what} config: mid_block_type {self.mid_block_type!r} is not supported")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise ValueError(f"{what} config: resnet_time_scale_shift={self.resnet_time_scale_shift!r}")
+        for c, h in zip(self.block_out_channels, self.num_heads):
+            if c % h:
+                raise ValueError(f"{what} config: {c} channels do not split into {h} heads")
+        if self.addition_embed_type == "text_time" and not (
+            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
+        ):
+            raise ValueError(f"{what} config: text_time needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    @property
+    def text_embeds_dim(self) -> int | None:
+        """Width of SDXL's pooled text embedding (``added_cond["text_embeds"]``), or None without text_time."""
+        if self.addition_embed_type != "text_time":
+            return None
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(UNetEncoderConfig):
+    out_channels: int = 4
+    up_block_types: tuple[str, ...] = (PLAIN_UP,) + (CROSS_ATTN_UP,) * 3
+    reverse_transformer_layers_per_block: tuple[int, ...] | None = None
+    center_input_sample: bool = False
     sample_size: int = 64
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
         """Build from a diffusers ``UNet2DConditionModel`` config dict; unknown keys are ignored,
         architecture options this implementation does not build are rejected by name."""
-        for key, default in _REQUIRED_DEFAULTS.items():
-            value = config.get(key, default)
-            if isinstance(value, (list, tuple)) and key == "only_cross_attention":
-                value = any(value)
-            if value != default:
-                raise ValueError(f"unet config: {key}={value!r} is not supported (only {default!r})")
-        n = len(config["block_out_channels"])
-        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
-        if isinstance(config.get("cross_attention_dim"), (list, tuple)):
-            raise ValueError("unet config: per-block cross_attention_dim is not supported")
+        fields = encoder_fields_from_diffusers(config, "unet")
+        if not isinstance(config.get("up_block_types"), (list, tuple)):
+            raise ValueError(f"unet config: up_block_types must be a list, got {config.get('up_block_types')!r}")
         reverse = config.get("reverse_transformer_layers_per_block")
         if reverse is not None and any(isinstance(r, (list, tuple)) for r in reverse):
             raise ValueError("unet config: nested reverse_transformer_layers_per_block is not supported")
-        tlpb = config.get("transformer_layers_per_block", 1)
-        if isinstance(tlpb, (list, tuple)) and any(isinstance(r, (list, tuple)) for r in tlpb):
-            raise ValueError("unet config: per-layer transformer_layers_per_block is not supported")
-        addition = config.get("addition_embed_type")
-        if addition not in (None, "text_time"):
-            raise ValueError(f"unet config: addition_embed_type={addition!r} is not supported")
         out = cls(
-            in_channels=config.get("in_channels", 4),
-            out_channels=config.get("out_channels", 4),
-            block_out_channels=tuple(config["block_out_channels"]),
-            down_block_types=tuple(config["down_block_types"]),
-            up_block_types=tuple(config["up_block_types"]),
-            mid_block_type=config.get("mid_block_type", CROSS_ATTN_MID),
-            layers_per_block=_per_block(config.get("layers_per_block", 2), n, "layers_per_block"),
-            cross_attention_dim=config.get("cross_attention_dim", 1280),
-            num_heads=_per_block(heads, n, "num_attention_heads"),
-            transformer_layers_per_block=_per_block(tlpb, n, "transformer_layers_per_block"),
-            reverse_transformer_layers_per_block=tuple(reverse) if reverse is not None else None,
-            use_linear_projection=bool(config.get("use_linear_projection", False)),
-            upcast_attention=bool(config.get("upcast_attention", False)),
-            resnet_time_scale_shift=config.get("resnet_time_scale_shift", "default"),
-            flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)),
-            freq_shift=float(config.get("freq_shift", 0)),
-            norm_num_groups=config.get("norm_num_groups", 32),
-            norm_eps=float(config.get("norm_eps", 1e-5)),
-            downsample_padding=config.get("downsample_padding", 1),
-            mid_block_scale_factor=float(config.get("mid_block_scale_factor", 1.0)),
-            center_input_sample=bool(config.get("center_input_sample", False)),
+            **fields,
             time_embedding_dim=config.get("time_embedding_dim"),
-            addition_embed_type=addition,
-            addition_time_embed_dim=config.get("addition_time_embed_dim"),
-            projection_class_embeddings_input_dim=config.get("projection_class_embeddings_input_dim"),
+            out_channels=config.get("out_channels", 4),
+            up_block_types=tuple(config["up_block_types"]),
+            reverse_transformer_layers_per_block=tuple(reverse) if reverse is not None else None,
+            center_input_sample=bool(config.get("center_input_sample", False)),
             sample_size=config.get("sample_size", 64),
         )
         out.validate()
         return out
 
     def validate(self) -> None:
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+        self._validate_encoder("unet")
+        if len(self.up_block_types) != len(self.block_out_channels):
             raise ValueError("unet config: down/up block type lists must match block_out_channels")
-        known_down, known_up = {CROSS_ATTN_DOWN, PLAIN_DOWN}, {CROSS_ATTN_UP, PLAIN_UP}
-        for t in self.down_block_types:
-            if t not in known_down:
-                raise ValueError(f"unet config: down block type {t!r} is not supported ({sorted(known_down)})")
+        known_up = {CROSS_ATTN_UP, PLAIN_UP}
         for t in self.up_block_types:
             if t not in known_up:
                 raise ValueError(f"unet config: up block type {t!r} is not supported ({sorted(known_up)})")
-        if self.mid_block_type not in (CROSS_ATTN_MID, PLAIN_MID, None):
-            raise ValueError(f"unet config: mid_block_type {self.mid_block_type!r} is not supported")
-        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
-            raise ValueError(f"unet config: resnet_time_scale_shift={self.resnet_time_scale_shift!r}")
-        for c, h in zip(self.block_out_channels, self.num_heads):
-            if c % h:
-                raise ValueError(f"unet config: {c} channels do not split into {h} heads")
-        if self.addition_embed_type == "text_time" and not (
-            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
-        ):
-            raise ValueError("unet config: text_time needs addition_time_embed_dim and "
-                             "projection_class_embeddings_input_dim")
-
-    @property
-    def time_embed_dim(self) -> int:
-        return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
     @property
     def up_transformer_layers(self) -> tuple[int, ...]:

@@ -10,8 +10,8 @@ Writes, deterministically for a seed (same machine, same library versions):
 Order: tokenizer, mini CLIP (contrastive), tiny VAE, tiny UNet (on the VAE's latents, conditioned on the
 CLIP text tower), then a check of the finished folder through the real pipeline: text-to-image generations
 for every caption, read back by the pixel classifier. The shipped copy lives in ``ipadapter_jax/assets/toy``
-(rebuild it with ``--out ipadapter_jax/assets/toy``; an ``ip_adapter.safetensors`` there was trained on the
-previous base and is removed).
+(rebuild it with ``--out ipadapter_jax/assets/toy``; an ``ip_adapter.safetensors`` or a ``controlnet/`` there
+was trained on the previous base and is removed).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -77,10 +78,10 @@ def build(out: str | Path, settings: BuildSettings = BuildSettings(), log: Calla
     started, cpu_started = time.time(), time.process_time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stale = out / "ip_adapter.safetensors"
-    if stale.exists():
-        stale.unlink()
-        log(f"removed {stale}: it was trained on the previous base model")
+    for stale in (out / "ip_adapter.safetensors", out / "controlnet", out / "controlnet_summary.json"):
+        if stale.exists():
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            log(f"removed {stale}: it was trained on the previous base model")
     tokenizer_dir = write_toy_tokenizer(out / "base" / "tokenizer")
     tokenizer = CaptionTokenizer(tokenizer_dir)
 

@@ -86,6 +86,26 @@ def encode_captions(text_module, text_params, tokenizer: CaptionTokenizer, capti
     return np.asarray(encode(text_params, jnp.asarray(tokenizer(list(captions)))), np.float32)
 
 
+def latent_moments(vae_module: AutoencoderKL, vae_params, images_uint8) -> tuple[jax.Array, jax.Array]:
+    """The VAE posterior's mean and standard deviation ``[N, h, w, C]`` of uint8 images ``[N, H, W, 3]``
+    (unscaled: a training latent is ``(mean + std * noise) * scaling_factor``)."""
+    encode = jax.jit(lambda x: vae_module.apply({"params": vae_params}, x, method=AutoencoderKL.encode))
+    moments = [encode(to_signed(images_uint8[i:i + 512])) for i in range(0, len(images_uint8), 512)]
+    means = jnp.concatenate([m for m, _ in moments])
+    stds = jnp.exp(0.5 * jnp.concatenate([lv for _, lv in moments]))
+    return means, stds
+
+
+def min_snr_loss(schedule: NoiseSchedule, pred: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array,
+                 gamma: float) -> jax.Array:
+    """The toy models' diffusion loss: squared error to the schedule's target, per example, with Min-SNR
+    weighting (Hang et al. 2023) for v-prediction, ``min(SNR, gamma) / (SNR + 1)``."""
+    per_example = jnp.mean(jnp.square(pred - training_target(schedule, x0, noise, t)), axis=(1, 2, 3))
+    ratio = snr(schedule, t)
+    weight = jnp.minimum(ratio, gamma) / (ratio + 1.0)
+    return jnp.mean(weight * per_example)
+
+
 def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTokenizer,
                     settings: TinyUnetSettings = TinyUnetSettings(), log: Callable[[str], None] = print, *,
                     raw_config: dict | None = None, params: dict | None = None,
@@ -103,11 +123,7 @@ def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTo
     caption_index = jnp.asarray([unique.index(c) for c in data.captions], jnp.int32)
     empty_index = unique.index("")
 
-    vae_module = AutoencoderKL(vae.config)
-    encode = jax.jit(lambda x: vae_module.apply({"params": vae.params}, x, method=AutoencoderKL.encode))
-    moments = [encode(to_signed(images[i:i + 512])) for i in range(0, len(data), 512)]
-    means = jnp.concatenate([m for m, _ in moments])
-    stds = jnp.exp(0.5 * jnp.concatenate([lv for _, lv in moments]))
+    means, stds = latent_moments(AutoencoderKL(vae.config), vae.params, images)
 
     raw = raw_config or s.raw_config(cross_attention_dim=int(contexts.shape[-1]))
     config = UNetConfig.from_diffusers(raw)
@@ -129,11 +145,7 @@ def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTo
         noise = jax.random.normal(k_noise, x0.shape)
         t = jax.random.randint(k_time, (s.batch_size,), 0, schedule.num_train_timesteps)
         pred = unet.apply({"params": params}, add_noise(schedule, x0, noise, t), t, context)
-        per_example = jnp.mean(jnp.square(pred - training_target(schedule, x0, noise, t)), axis=(1, 2, 3))
-        # Min-SNR weighting (Hang et al. 2023) for v-prediction: min(SNR, gamma) / (SNR + 1).
-        ratio = snr(schedule, t)
-        weight = jnp.minimum(ratio, s.min_snr_gamma) / (ratio + 1.0)
-        return jnp.mean(weight * per_example)
+        return min_snr_loss(schedule, pred, x0, noise, t, s.min_snr_gamma)
 
     # Constant after the warmup, as SD was trained, with the EMA doing the averaging a decay would.
     lr = optax.linear_schedule(0.0, s.learning_rate, s.warmup_steps)

@@ -178,7 +178,7 @@ def frozen_modules(unet_raw: dict, vae_config: VAEConfig, text_config: Any, text
                    compute_dtype: Any, attention_implementation: str, remat: bool,
                    platform: str | None = None) -> FrozenModules:
     """The modules of the frozen models from their configs (dicts or parsed configs), the one construction
-    the trainer (``load_frozen_models``) and the plans (``tools.reference_models``) share, so both build the
+    the trainer (``load_frozen_models``) and the plans (``plan.reference_models``) share, so both build the
     same step. ``text_2_config`` is None for SD1.5-style models. ``attention_implementation="auto"`` is
     resolved for ``platform`` (``models.attention.resolve_attention_implementation``)."""
     from ipadapter_jax.models.attention import resolve_attention_implementation
