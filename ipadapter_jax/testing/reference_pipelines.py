@@ -3,6 +3,7 @@ parity tests (tiny sizes) and the sampling benchmark (larger sizes). Needs torch
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,11 @@ SIZES = {
     "tiny": dict(sd_unet=SD_UNET, sdxl_unet=SDXL_UNET, vae=VAE, text_hidden=32),
     "bench": dict(sd_unet=BENCH_SD_UNET, sdxl_unet=None, vae=BENCH_VAE, text_hidden=128),
 }
+# "full": the published SD1.5 configs (reference_configs/, ViT-H/14 image encoder) with random weights; std
+# 0.02 (CLIP's own init scale) keeps activations finite through the full depth, where the small sizes' 0.1-0.15
+# would overflow. Parameter-for-parameter what users run, with a tiny tokenizer (the vocabulary only sizes the
+# embedding table, which both sides then index alike).
+FULL_STD = 0.02
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1)
 
@@ -50,13 +56,17 @@ def _text_encoder(vocab_size: int, projection: bool, hidden: int = 32):
 
 def build_pipeline_dir(kind: str, root: Path, size: str = "tiny") -> Path:
     """Save a random ``kind`` ("sd" or "sdxl") diffusers pipeline with an ``image_encoder/`` under root;
-    ``size`` is a key of ``SIZES``."""
+    ``size`` is a key of ``SIZES``, or ``"full"`` (SD1.5 only: the published configs, see ``FULL_STD``)."""
+    if size == "full" and kind != "sd":
+        raise ValueError(f"size 'full' is built for kind 'sd' only, not {kind!r}")
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
     from transformers import CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(root / "tok_src"), model_max_length=77)
+    if size == "full":
+        return _build_full_sd15(root, tokenizer)
     image_encoder = randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER)).eval(), seed=4)
     sizes = SIZES[size]
     vae = randomize_(AutoencoderKL(**sizes["vae"]).eval(), std=0.15, seed=5)
@@ -80,12 +90,50 @@ def build_pipeline_dir(kind: str, root: Path, size: str = "tiny") -> Path:
     return folder
 
 
+def _build_full_sd15(root: Path, tokenizer) -> Path:
+    """``build_pipeline_dir("sd", root, size="full")``: the published SD1.5 configs, random weights, saved one
+    model at a time (about 7 GB of safetensors) so that at most one full-size model is in memory."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ipadapter_jax.tools.reference_models import model_configs
+
+    configs, _ = model_configs("sd15")
+    folder = root / "sd"
+    parts = {
+        "unet": lambda: UNet2DConditionModel.from_config(configs["unet"]),
+        "vae": lambda: AutoencoderKL.from_config(configs["vae"]),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"])),
+    }
+    for seed, (name, build) in enumerate(parts.items()):
+        randomize_(build().eval(), std=FULL_STD, seed=10 + seed).save_pretrained(folder / name)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    # The sampler the benchmarks compare (diffusers' SD1.5 ships PNDM, which ipadapter_jax does not run).
+    DDIMScheduler(**SD_SCHEDULER).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": _diffusers_version(),
+             "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+             "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
 def write_adapter(folder: Path, variant: str, seed: int) -> Path:
     """A random published-layout adapter that fits the pipeline's UNet and image encoder."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    embed = IMAGE_ENCODER["projection_dim"] if variant == "plain" else IMAGE_ENCODER["hidden_size"]
+    encoder = json.loads((folder / "image_encoder" / "config.json").read_text())
+    embed = encoder["projection_dim"] if variant == "plain" else encoder["hidden_size"]
     state = random_ip_adapter_state(torch_cross_attention_widths(unet), unet.config.cross_attention_dim, variant,
                                     seed=seed, embed_dim=embed)
     path = folder / f"ip_adapter_{variant}_{seed}.safetensors"
