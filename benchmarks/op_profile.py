@@ -40,8 +40,8 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str]]:
     computations: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
-        header = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if header and "=" not in line.split("{")[0]:
+        header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)  # computations start at column 0
+        if header:
             current = header.group(1)
             computations[current] = []
         elif current is not None:

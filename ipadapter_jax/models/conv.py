@@ -58,7 +58,7 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding
 # 1280-2560 channels, the matmul at 80-140), Winograd for 3x3 maps of at least WINOGRAD_MIN_TILES 2x2 output
 # tiles per call (batch included), XLA's convolution otherwise.
 IM2COL_MAX_PIXELS = 64
-WINOGRAD_MIN_TILES = 128
+WINOGRAD_MIN_TILES = 64
 
 
 def _method(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding) -> str:
