@@ -6,7 +6,8 @@ with ``_load_ip_adapter_weights`` from the same adapter file), MSE loss, backwar
 AdamW over the adapter parameters only. Same model, batch, resolution and thread count.
 
     python benchmarks/train_bench.py                     # the tiny world (written to a cache folder), CPU
-    python benchmarks/train_bench.py --model bench --resolution 128 --batch 2   # sample_bench.py's model
+    python benchmarks/train_bench.py --model sd15-full --resolution 256 --batch 1 --threads 1   # SD1.5 size
+    python benchmarks/train_bench.py --model bench --resolution 128 --batch 2   # the small stand-in
     python benchmarks/train_bench.py --model /models/stable-diffusion-v1-5 \\
         --image-encoder /models/IP-Adapter/models/image_encoder --resolution 512 --batch 4 --dtype bfloat16
 
@@ -15,25 +16,29 @@ machine load hits both alike; the best chunk of each gives images/s, by wall clo
 This is a benchmark, not a test: it prints numbers and asserts nothing. On a CPU shared with other jobs use
 ``--threads 1``: on one thread CPU time does not count time spent descheduled. PyTorch's OpenMP threads sleep
 rather than spin while waiting (``OMP_WAIT_POLICY=PASSIVE``; ``--torch-spin`` keeps torch's default), since
-spinning threads slow it down many times over when the machine is oversubscribed.
+spinning threads slow it down many times over when the machine is oversubscribed. glibc's malloc keeps freed
+memory for reuse (``cpu_flags.keep_freed_memory``, both frameworks alike; ``--return-freed-memory`` leaves it).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+from bench_models import MODELS, bench_model
 from machine import machine_line, set_torch_wait_policy, versions_line
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="", help="diffusers SD folder; default: the tiny world; 'bench': the random "
-                   "SD1.5-layout model of sample_bench.py")
+    p.add_argument("--model", default="", help="diffusers SD folder; default: the tiny world; 'sd15-full' or "
+                   "'bench': the random models of bench_models.py")
     p.add_argument("--image-encoder", default="", help="CLIPVisionModelWithProjection folder (default model/image_encoder)")
     p.add_argument("--variant", default="plain", choices=["plain", "plus"])
     p.add_argument("--batch", type=int, default=8)
@@ -46,6 +51,8 @@ def parse_args(argv=None):
                    help="leave OMP_WAIT_POLICY unset: torch's OpenMP threads spin between ops (its default)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="CPUs for both frameworks (default: all this process may use)")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="leave glibc's malloc as it is (see ipadapter_jax.cpu_flags.keep_freed_memory)")
     return p.parse_args(argv)
 
 
@@ -59,19 +66,22 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ipadapter_jax.cpu_flags import apply_cpu_flags
+    from ipadapter_jax.cpu_flags import apply_cpu_flags, keep_freed_memory
 
+    kept = False if args.return_freed_memory else keep_freed_memory()
     xla_flags = apply_cpu_flags()
     from ipadapter_jax.testing.random_model import write_random_model
 
-    cache = Path(tempfile.gettempdir()) / "ipadapter_jax_bench"
-    if args.model == "bench":
-        model = _bench_model(cache / "bench_model")
+    if args.model in MODELS:
+        model = bench_model(args.model)[0]
     else:
+        cache = Path(tempfile.gettempdir()) / "ipadapter_jax_bench"
         model = Path(args.model) if args.model else write_random_model(cache / "tiny_model")
     image_encoder = Path(args.image_encoder) if args.image_encoder else model / "image_encoder"
-    adapter_file, batch, run_ours = make_ours(args, model, image_encoder)
-    run_theirs = make_torch(args, model, image_encoder, adapter_file, batch)
+    ours = make_ours(args, model, image_encoder)
+    run_ours = ours.run
+    run_ours(args.warmup)
+    run_theirs = make_torch(args, model, image_encoder, ours.adapter_file, ours.batch)
     load_before = f"{os.getloadavg()[0]:.1f}"
     wall = {"ours": [], "torch": []}
     cpu = {"ours": [], "torch": []}
@@ -82,7 +92,7 @@ def main(argv=None) -> None:
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     images = args.steps * args.batch
-    print(machine_line(cpus, xla_flags, load_before))
+    print(machine_line(cpus, xla_flags, load_before) + f"; malloc keeps freed memory: {kept}")
     print(versions_line())
     print(f"work: model {args.model or 'tiny'} ({model}), {args.variant} adapter, batch {args.batch}, "
           f"{args.resolution}px, {args.dtype}; {args.repeats} chunks of {args.steps} steps each, alternating")
@@ -94,17 +104,6 @@ def main(argv=None) -> None:
     if threads == 1:
         print(f"ratio by best CPU time (1 thread): {min(cpu['torch']) / min(cpu['ours']):.2f}x")
     print(f"ratio ours/PyTorch: {min(wall['torch']) / min(wall['ours']):.2f}x")
-
-
-def _bench_model(folder: Path) -> Path:
-    """sample_bench.py's random SD1.5-layout model (diffusers layout), written once into ``folder``."""
-    from ipadapter_jax.testing.reference_pipelines import build_pipeline_dir
-
-    done = folder / "sd" / "model_index.json"
-    if not done.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        build_pipeline_dir("sd", folder, size="bench")
-    return done.parent
 
 
 def _projection(args, modules):
@@ -133,9 +132,19 @@ def _batch(args, modules):
     return batch
 
 
-def make_ours(args, model: Path, image_encoder: Path):
-    """``(adapter file, numpy batch, run(n))``: ``run(n)`` takes n train steps and blocks until they are done;
-    the adapter and batch are handed to the PyTorch side."""
+@dataclasses.dataclass
+class OurStep:
+    """Our side: ``run(n)`` takes n train steps and blocks until they are done; ``step`` is the jitted step and
+    ``args()`` its current arguments (for a profile); the adapter file and batch are handed to PyTorch."""
+
+    adapter_file: Path
+    batch: dict
+    run: Any
+    step: Any
+    args: Any
+
+
+def make_ours(args, model: Path, image_encoder: Path) -> OurStep:
     import jax
     import jax.numpy as jnp
 
@@ -160,14 +169,15 @@ def make_ours(args, model: Path, image_encoder: Path):
     batch_np = _batch(args, modules)
     batch = jax.tree.map(jnp.asarray, batch_np)
     rng = jax.random.key(1)
+
     def run(n: int) -> None:
         nonlocal state
         for _ in range(n):
             state, metrics = step(state, frozen, batch, rng)
         jax.block_until_ready(metrics)
 
-    run(args.warmup)
-    return adapter_file, batch_np, run
+    # The step donates its state: a profile gets a copy each call.
+    return OurStep(adapter_file, batch_np, run, step, lambda: (jax.tree.map(jnp.copy, state), frozen, batch, rng))
 
 
 def make_torch(args, model: Path, image_encoder: Path, adapter_file: Path, batch_np: dict):

@@ -1,11 +1,15 @@
-"""Where sampling time goes: one UNet forward (the work of one CFG step) and one VAE decode, ours vs
-diffusers at the same shapes and weights (a benchmark, not a test).
+"""Where sampling time goes: one UNet forward (the work of one CFG step), one VAE decode, one image-encoder
+and one text-encoder call, ours vs diffusers/transformers at the same shapes and weights (a benchmark, not
+a test).
 
-Same model as ``sample_bench.py`` (random SD1.5-layout UNet at reduced widths, plain IP-Adapter). Each
-measurement alternates ours and theirs call by call, so machine-load drift hits both alike, and reports the
-minimum and median over ``--repeats`` calls.
+Same models as ``sample_bench.py`` (``--model``: ``sd15-full``, the published SD1.5 configs with random
+weights, or ``bench``, the small stand-in; see ``bench_models.py``), plain IP-Adapter. Each measurement
+alternates ours and theirs call by call, so machine-load drift hits both alike, and reports the minimum and
+median over ``--repeats`` calls.
 
-    python benchmarks/unet_bench.py [--batch 2] [--size 128] [--repeats 20] [--what unet,vae]
+    python benchmarks/unet_bench.py --model sd15-full --size 256 --batch 1 --repeats 5 \
+        --what unet,vae,image_encoder,text_encoder
+    python benchmarks/unet_bench.py [--model bench] [--batch 2] [--size 128] [--repeats 20] [--what unet,vae]
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import numpy as np
 # Measure the checkout this script lives in, not whichever ipadapter_jax happens to be installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ipadapter_jax.cpu_flags import apply_cpu_flags  # noqa: E402
+from bench_models import MODELS, bench_model  # noqa: E402
 
 
 def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -55,6 +59,7 @@ def report(what: str, measured: tuple[dict, dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", default="bench", choices=sorted(MODELS), help="see bench_models.py")
     p.add_argument("--batch", type=int, default=2, help="images; the UNet sees twice this (CFG)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
@@ -73,14 +78,11 @@ def main() -> None:
     from ipadapter_jax import IPAdapterPipeline
     from ipadapter_jax.models.adapter import adapter_variables
     from ipadapter_jax.models.ip_scales import resolve_ip_scales
-    from ipadapter_jax.testing.reference_pipelines import build_pipeline_dir, write_adapter
 
     threads = len(os.sched_getaffinity(0))  # what XLA uses too (honours taskset)
     torch.set_num_threads(threads)
     print(f"threads: torch {torch.get_num_threads()}, XLA CPU {threads} (affinity)")
-    root = Path(tempfile.mkdtemp(prefix="unet_bench_"))
-    folder = build_pipeline_dir("sd", root, size="bench")
-    adapter_path = write_adapter(folder, "plain", seed=0)
+    folder, adapter_path = bench_model(args.model)
     theirs = DiffusionPipeline.from_pretrained(folder)
     theirs.load_ip_adapter(str(folder), subfolder="", weight_name=adapter_path.name, image_encoder_folder=None)
     theirs.set_ip_adapter_scale(0.6)
@@ -135,6 +137,41 @@ def main() -> None:
 
         print(f"vae decode: batch {args.batch}, {latent}x{latent} -> {args.size}x{args.size}")
         report("vae decode", interleaved({"ours": run_ours, "diffusers": run_theirs}, args.repeats))
+
+    if "image_encoder" in what:
+        from ipadapter_jax.pipeline.conditioning import _run_image_encoder
+
+        encoder = ours.image_encoder.encoder
+        side = encoder.config.image_size
+        pixels = rng.standard_normal((1, side, side, 3), dtype=np.float32)
+        jp, tp = jnp.asarray(pixels), torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+
+        def run_theirs():
+            with torch.inference_mode():
+                return theirs.image_encoder(tp).image_embeds
+
+        def run_ours():
+            return _run_image_encoder(encoder.module, encoder.params, jp, False).block_until_ready()
+
+        print(f"image encoder: 1 image, {side}x{side}")
+        report("image enc", interleaved({"ours": run_ours, "diffusers": run_theirs}, args.repeats))
+
+    if "text_encoder" in what:
+        from ipadapter_jax.pipeline.conditioning import _run_text_encoder
+
+        text = ours.base.text_encoders[0]
+        ids = rng.integers(0, 40, (2, 77)).astype(np.int32)
+        ji, ti = jnp.asarray(ids), torch.from_numpy(ids.astype(np.int64))
+
+        def run_theirs():
+            with torch.inference_mode():
+                return theirs.text_encoder(ti)[0]
+
+        def run_ours():
+            return _run_text_encoder(text.module, text.params, ji)[0].block_until_ready()
+
+        print("text encoder: 2 prompts (CFG), 77 tokens")
+        report("text enc", interleaved({"ours": run_ours, "diffusers": run_theirs}, args.repeats))
 
 
 if __name__ == "__main__":

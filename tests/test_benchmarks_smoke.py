@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -13,9 +14,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _bench_cache(tmp_path_factory, monkeypatch):
+    """The benchmark models are written to a test folder, not the user's ~/.cache."""
+    monkeypatch.setenv("IPADAPTER_JAX_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bench_models"))
+
+
 def _run(script: str, *args: str) -> str:
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

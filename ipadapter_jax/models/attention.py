@@ -18,6 +18,12 @@ from ipadapter_jax.models.lora import add_lora
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+# Above this many logits per call, the CPU path loops over heads and query chunks (see _xla_attention).
+_CPU_LOOP_MIN_LOGITS = 1 << 21
+# Logits per loop iteration on CPU: 1 MB of float32, which stays in a core's L2 cache.
+_CPU_CHUNK_LOGITS = 1 << 18
+
+
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     # Plain XLA ops, written out rather than jax.nn.dot_product_attention(implementation="xla"): that one
     # scales the [B, N, Tq, Tk] logits (XLA:CPU materialises the scale as a tensor of that shape) and leaves
@@ -27,11 +33,43 @@ def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     # (PERF_NOTES.md). Logits, exp and the normaliser stay float32 whatever the input dtype.
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, N, T, H]
-    logits = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
-    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    out = jnp.einsum("bnqk,bnkh->bnqh", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out / jnp.sum(weights, axis=-1, keepdims=True)
+    b, n, tq, _ = q.shape
+    tk = k.shape[2]
+    if b * n * tq * tk >= _CPU_LOOP_MIN_LOGITS:
+        # Large maps (1024+ tokens): on CPU, one head and query chunk at a time, so that each chunk's logits
+        # stay in cache between the matmul, the exp and the second matmul instead of streaming a
+        # [B, N, Tq, Tk] tensor (64 MB at 1024 tokens) through memory four times: 80-97 -> 26 ms at SD1.5's
+        # 1024-token self-attention, batch 2 (PERF_NOTES.md). Elsewhere (TPU) the batched form is kept.
+        out = jax.lax.platform_dependent(q, k, v, cpu=_looped_softmax_attention, default=_softmax_attention)
+    else:
+        out = _softmax_attention(q, k, v)
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Heads-major ``q [B, N, Tq, H]`` (already scaled), ``k, v [B, N, Tk, H]`` -> float32 ``[B, N, Tq, H]``."""
+    logits = jnp.einsum("...qh,...kh->...qk", q, k, preferred_element_type=jnp.float32)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("...qk,...kh->...qh", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out / jnp.sum(weights, axis=-1, keepdims=True)
+
+
+def _looped_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``_softmax_attention`` one (batch, head) at a time, and within it one chunk of queries at a time
+    (``lax.map``: sequential loops, each iteration's logits at most ``_CPU_CHUNK_LOGITS``)."""
+    b, n, tq, h = q.shape
+    tk = k.shape[2]
+    chunk = tq
+    while chunk * tk > _CPU_CHUNK_LOGITS and chunk % 2 == 0:
+        chunk //= 2
+    heads = lambda x: x.reshape(b * n, *x.shape[2:])  # noqa: E731
+    q_chunks = q.reshape(b * n, tq // chunk, chunk, h)
+
+    def one_head(args):
+        qh, kh, vh = args
+        return jax.lax.map(lambda qc: _softmax_attention(qc, kh, vh), qh)
+
+    return jax.lax.map(one_head, (q_chunks, heads(k), heads(v))).reshape(b, n, tq, -1)
 
 
 def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

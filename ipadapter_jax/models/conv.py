@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ipadapter_jax.models.winograd import kernel_transform, winograd_conv3x3, winograd_input_grad
+
 Padding = Sequence[tuple[int, int]]
 
 
@@ -46,11 +48,43 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padd
     return out.reshape(b, oh, ow, cout)
 
 
-def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding) -> jax.Array:
-    if any(size < k for size, k in zip(x.shape[1:3], kernel.shape[:2])):
-        return _im2col_conv(x, kernel, strides, padding)
+def _xla_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, strides, [tuple(p) for p in padding],
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# Where each method wins on CPU (PERF_NOTES.md, "Intel machine"): im2col + one matmul for maps of at most
+# IM2COL_MAX_PIXELS positions (XLA's direct convolution runs at 30-60 GFLOP/s on SD1.5's 4x4 and 8x8 maps of
+# 1280-2560 channels, the matmul at 80-140), Winograd for 3x3 maps of at least WINOGRAD_MIN_TILES 2x2 output
+# tiles per call (batch included), XLA's convolution otherwise.
+IM2COL_MAX_PIXELS = 64
+WINOGRAD_MIN_TILES = 64
+
+
+def _method(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding) -> str:
+    """"im2col", "winograd" (on CPU; XLA's convolution elsewhere) or "xla" for this convolution."""
+    b, h, w = x.shape[:3]
+    if h < kernel.shape[0] or w < kernel.shape[1]:
+        return "im2col"  # XLA would swap the operands onto its slow generic path (module doc)
+    if kernel.shape[:2] != (3, 3):
+        return "xla"
+    if (tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and h % 2 == 0 and w % 2 == 0
+            and b * h * w // 4 >= WINOGRAD_MIN_TILES and x.dtype == jnp.float32 and kernel.dtype == jnp.float32):
+        return "winograd"
+    return "im2col" if h * w <= IM2COL_MAX_PIXELS else "xla"
+
+
+def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding) -> jax.Array:
+    method = _method(x, kernel, strides, padding)
+    if method == "im2col":
+        return _im2col_conv(x, kernel, strides, padding)
+    if method == "winograd":
+        # Chosen when lowering, for the devices compiled for: Winograd on CPU; XLA's convolution elsewhere
+        # (a TPU plan compiled on a CPU host still gets the TPU's convolution).
+        return jax.lax.platform_dependent(
+            x, kernel, cpu=lambda x, k: winograd_conv3x3(x, kernel_transform(k)),
+            default=lambda x, k: _xla_conv(x, k, strides, padding))
+    return _xla_conv(x, kernel, strides, padding)
 
 
 def _input_grad(g: jax.Array, kernel: jax.Array, in_shape: tuple[int, ...], strides: tuple[int, int],
@@ -89,12 +123,21 @@ def _conv_fwd(x, kernel, strides, padding):
 def _conv_bwd(strides, padding, residuals, g):
     x, kernel = residuals
     grad = jax.vjp(lambda x, k: _forward(x, k, strides, padding), x, kernel)[1]
+    if _method(x, kernel, strides, padding) == "winograd":
+        dx = jax.lax.platform_dependent(
+            g, kernel, cpu=lambda g, k: winograd_input_grad(g, kernel_transform(k)),
+            default=lambda g, k: _default_input_grad(g, k, x.shape, strides, padding, grad))
+        return dx, grad(g)[1]
+    return _default_input_grad(g, kernel, x.shape, strides, padding, grad), grad(g)[1]
+
+
+def _default_input_grad(g, kernel, in_shape, strides, padding, grad):
     if kernel.size < 4 * g.size:
         # Large maps: XLA's transposed convolution beats the matmul + kh*kw shifted adds (measured 4.1 vs
         # 5.2 ms at 16x16x64, batch 2), and the kernel transpose it needs is small next to the map.
-        return grad(g)
+        return grad(g)[0]
     # The kernel gradient keeps JAX's rule; when the kernel is frozen XLA drops it as dead code.
-    return _input_grad(g, kernel, x.shape, strides, padding), grad(g)[1]
+    return _input_grad(g, kernel, in_shape, strides, padding)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

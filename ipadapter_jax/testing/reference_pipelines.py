@@ -21,6 +21,11 @@ from ipadapter_jax.testing.tiny_models import IMAGE_ENCODER, SCHEDULER, SIZES, t
 from ipadapter_jax.toy.toy_tokenizer import write_toy_tokenizer
 
 ARCHES = {"sd": "sd15", "sdxl": "sdxl"}
+# "full": the published SD1.5 configs (reference_configs/, ViT-H/14 image encoder) with random weights; std
+# 0.02 (CLIP's own init scale) keeps activations finite through the full depth, where the small sizes' 0.1-0.15
+# would overflow. Parameter-for-parameter what users run, with a tiny tokenizer (the vocabulary only sizes the
+# embedding table, which both sides then index alike).
+FULL_STD = 0.02
 
 
 def _text_encoder(config: dict, seed: int):
@@ -34,7 +39,8 @@ def _text_encoder(config: dict, seed: int):
 def build_pipeline_dir(kind: str, root: Path, size: str = "parity", vae_std: float = 0.15,
                        published_scheduler: bool = False) -> Path:
     """Save a random ``kind`` ("sd" or "sdxl") diffusers pipeline with an ``image_encoder/`` under root;
-    ``size`` is a key of ``tiny_models.SIZES``. ``vae_std``: the random VAE weights' scale (larger makes pixels
+    ``size`` is a key of ``tiny_models.SIZES``, or ``"full"`` (SD1.5 only: the published configs, see
+    ``FULL_STD``; the other arguments do not apply). ``vae_std``: the random VAE weights' scale (larger makes pixels
     follow the latents more closely). ``published_scheduler``: SD1.5's published scheduler config (PNDM,
     PLMS) instead of DDIM on the same betas (sd only)."""
     from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
@@ -43,6 +49,10 @@ def build_pipeline_dir(kind: str, root: Path, size: str = "parity", vae_std: flo
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(write_toy_tokenizer(Path(root) / "tok_src"))
+    if size == "full":
+        if kind != "sd":
+            raise ValueError(f"size 'full' is built for kind 'sd' only, not {kind!r}")
+        return _build_full_sd15(Path(root), tokenizer)
     image_encoder = randomize_(CLIPVisionModelWithProjection(CLIPVisionConfig(**IMAGE_ENCODER)).eval(), seed=4)
     unets, vae_config = SIZES[size]
     vae = randomize_(AutoencoderKL(**vae_config).eval(), std=vae_std, seed=5)
@@ -66,13 +76,47 @@ def build_pipeline_dir(kind: str, root: Path, size: str = "parity", vae_std: flo
     return folder
 
 
+def _build_full_sd15(root: Path, tokenizer) -> Path:
+    """``build_pipeline_dir("sd", root, size="full")``: the published SD1.5 configs, random weights, saved one
+    model at a time (about 7 GB of safetensors) so that at most one full-size model is in memory."""
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from ipadapter_jax.plan.reference_models import model_configs
+
+    configs, _ = model_configs("sd15")
+    folder = root / "sd"
+    parts = {
+        "unet": lambda: UNet2DConditionModel.from_config(configs["unet"]),
+        "vae": lambda: AutoencoderKL.from_config(configs["vae"]),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"])),
+    }
+    for seed, (name, build) in enumerate(parts.items()):
+        randomize_(build().eval(), std=FULL_STD, seed=10 + seed).save_pretrained(folder / name)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    # DDIM, the sampler the benchmarks compare on both sides (the published SD1.5 folder ships PNDM).
+    DDIMScheduler.from_config({k: v for k, v in SCHEDULER.items() if k != "_class_name"}).save_pretrained(
+        folder / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+             "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def write_adapter(folder: Path, variant: str, seed: int, std: float = 0.2) -> Path:
     """A random published-layout adapter that fits the pipeline's UNet and image encoder; ``std``: the
     weights' scale."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    embed = IMAGE_ENCODER["projection_dim"] if variant == "plain" else IMAGE_ENCODER["hidden_size"]
+    encoder = json.loads((Path(folder) / "image_encoder" / "config.json").read_text())
+    embed = encoder["projection_dim"] if variant == "plain" else encoder["hidden_size"]
     state = random_ip_adapter_state(torch_cross_attention_widths(unet), unet.config.cross_attention_dim, variant,
                                     seed=seed, embed_dim=embed, std=std)
     path = folder / f"ip_adapter_{variant}_{seed}.safetensors"
