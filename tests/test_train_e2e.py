@@ -21,6 +21,7 @@ from ipadapter_jax.train import TrainConfig, main
 from ipadapter_jax.train.checkpoint import Checkpointer
 from ipadapter_jax.train.metrics_log import read_metrics
 from ipadapter_jax.train.setup import build_setup
+from ipadapter_jax.train.workdir_lease import LEASE_NAME
 
 
 def test_run_writes_metrics_checkpoints_exports_and_resumes(world, tmp_path):
@@ -128,6 +129,27 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(world,
     assert finished_checkpoints(workdir) == [last]
     assert f"stopped at step {last} (preempted)" in log_of(workdir)
     assert (workdir / "adapters" / f"ip_adapter_{last:08d}.safetensors").is_file()
+
+
+def test_sigterm_during_setup_stops_before_the_first_step_and_releases_the_workdir(world, tmp_path):
+    # A preemption notice can arrive while the run is still loading and compiling (minutes on a pod): the
+    # handler is in from the start, so the run stops cleanly instead of dying with its lease held.
+    config = tiny_config(world, num_steps=100_000, checkpoint__every_steps=50_000)
+    workdir = tmp_path / "run"
+    proc = start_train(world, config, workdir)
+    try:
+        wait_for(lambda: "mesh:" in log_of(workdir), timeout=600, what="the setup", proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, log_of(workdir)[-3000:]
+    assert "stopped at step 0 (preempted)" in log_of(workdir), log_of(workdir)[-3000:]
+    assert read_metrics(workdir) == []  # no step ran
+    assert not (workdir / LEASE_NAME).exists()
+    result = main(tiny_config(world, num_steps=2), workdir)  # the next run resumes from what it saved
+    assert result.resumed_from == 0 and result.step == 2
 
 
 def _tar_members(path):

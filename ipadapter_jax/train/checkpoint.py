@@ -152,6 +152,10 @@ class Checkpointer:
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
             todelete_subdir=TRASH, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        # orbax removes those folders in the background and waits for it only in its next save: until then a
+        # half-written step from a killed run is still listed beside the restored one (on GCS, where a step
+        # without commit_success.txt is the temporary, this is what a reader of the bucket sees).
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._empty_trash()
 
     def _empty_trash(self) -> None:

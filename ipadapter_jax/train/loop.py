@@ -143,13 +143,17 @@ def train(config: TrainConfig, workdir: str | Path, resume: bool = True) -> Trai
     # One run is all its processes: process 0 holds the lease for them.
     lease = WorkdirLease(workdir).acquire() if jax.process_index() == 0 else None
     try:
-        return _train(config, workdir, resume)
+        # The handlers go in before minutes of loading and compiling: a preemption notice then stops the run
+        # before its first step (its lease released, nothing to save beyond the checkpoint it resumed from)
+        # instead of killing it.
+        with StopRequest() as stop:
+            return _train(config, workdir, resume, stop)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _train(config: TrainConfig, workdir: WorkdirFiles, resume: bool) -> TrainResult:
+def _train(config: TrainConfig, workdir: WorkdirFiles, resume: bool, stop: StopRequest) -> TrainResult:
     if not resume:  # refuse before minutes of loading and compiling, not after
         _refuse_existing_checkpoints(workdir)
     setup = build_setup(config, workdir)
@@ -188,42 +192,41 @@ def _train(config: TrainConfig, workdir: WorkdirFiles, resume: bool) -> TrainRes
         log.reset_timer(step)
 
     try:
-        with StopRequest() as stop:
-            while step < config.num_steps:
-                fed = next(feed)
-                state, metrics = setup.compiled_step(state, setup.frozen, fed.batch, rng)
-                step += 1
-                data_state = fed.data_state
-                log.tick(step)
-                if int(metrics["nonfinite"]):
-                    nonfinite_in_a_row += 1
-                    nonfinite_since_log += 1
-                    logger.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); update skipped",
-                                   step, float(metrics["loss"]), float(metrics["grad_norm"]))
-                else:
-                    nonfinite_in_a_row = 0
-                diverged = 0 < config.optimizer.max_nonfinite_steps <= nonfinite_in_a_row
-                if step % config.log.every_steps == 0 or step == config.num_steps or diverged:
-                    record = dict(jax.device_get(metrics))
-                    del record["nonfinite"]
-                    record["nonfinite_steps"] = nonfinite_since_log
-                    nonfinite_since_log = 0
-                    record.update(_skip_metrics(fed.counters))
-                    last_record = log.log(step, record)
-                if diverged:
-                    break
-                if step % config.checkpoint.every_steps == 0:
-                    save()
-                if validator is not None and step % config.validation.every_steps == 0:
-                    validator.run(state.params, step, log)
-                    log.reset_timer(step)
-                checkpointer.check_for_errors()  # a failed background save stops the run now, not at the next save
-                if stop.requested():
-                    preempted = True
-                    break
-            if last_saved != step:
+        while step < config.num_steps:
+            if stop.requested():  # checked before each step, so a request during setup saves nothing new
+                preempted = True
+                break
+            fed = next(feed)
+            state, metrics = setup.compiled_step(state, setup.frozen, fed.batch, rng)
+            step += 1
+            data_state = fed.data_state
+            log.tick(step)
+            if int(metrics["nonfinite"]):
+                nonfinite_in_a_row += 1
+                nonfinite_since_log += 1
+                logger.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); update skipped",
+                               step, float(metrics["loss"]), float(metrics["grad_norm"]))
+            else:
+                nonfinite_in_a_row = 0
+            diverged = 0 < config.optimizer.max_nonfinite_steps <= nonfinite_in_a_row
+            if step % config.log.every_steps == 0 or step == config.num_steps or diverged:
+                record = dict(jax.device_get(metrics))
+                del record["nonfinite"]
+                record["nonfinite_steps"] = nonfinite_since_log
+                nonfinite_since_log = 0
+                record.update(_skip_metrics(fed.counters))
+                last_record = log.log(step, record)
+            if diverged:
+                break
+            if step % config.checkpoint.every_steps == 0:
                 save()
-            checkpointer.wait_until_finished()
+            if validator is not None and step % config.validation.every_steps == 0:
+                validator.run(state.params, step, log)
+                log.reset_timer(step)
+            checkpointer.check_for_errors()  # a failed background save stops the run now, not at the next save
+        if last_saved != step:
+            save()
+        checkpointer.wait_until_finished()
     finally:
         feed.close()
         checkpointer.close(raise_errors=sys.exc_info()[0] is None)
