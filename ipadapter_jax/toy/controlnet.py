@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from scipy import ndimage
 
 from ipadapter_jax.diffusion.noise_schedule import NoiseSchedule, add_noise
@@ -36,7 +35,7 @@ from ipadapter_jax.models.controlnet import ControlNetConfig, ControlNetModel, c
 from ipadapter_jax.models.vae import decode_latents
 from ipadapter_jax.toy.classify import classify
 from ipadapter_jax.toy.shapes_dataset import make_examples
-from ipadapter_jax.toy.tiny_unet import encode_captions, latent_moments, min_snr_loss
+from ipadapter_jax.toy.tiny_unet import encode_captions, latent_moments, min_snr_loss, train_with_ema
 
 CONTROLNET_STREAM, CHECK_STREAM = 40, 41  # make_examples streams of the training and check pictures
 EDGE_THRESHOLD = 40.0  # Sobel magnitude (per channel, in 0..255 steps) above which a pixel is an edge
@@ -128,28 +127,8 @@ def train_toy_controlnet(base, settings: ToyControlNetSettings = ToyControlNetSe
                           mid_block_additional_residual=res.mid_block_residual)
         return min_snr_loss(schedule, pred, x0, noise, t, s.min_snr_gamma)
 
-    lr = optax.linear_schedule(0.0, s.learning_rate, s.warmup_steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01))
-    opt_state = tx.init(params)
-    ema = params
-
-    @jax.jit
-    def step(params, opt_state, ema, i):
-        loss, grads = jax.value_and_grad(loss_fn)(params, jax.random.fold_in(k_train, i))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        decay = jnp.minimum(s.ema_decay, (1.0 + i) / (10.0 + i))
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-        return params, opt_state, ema, loss
-
-    recent = []
-    for i in range(s.steps):
-        params, opt_state, ema, loss = step(params, opt_state, ema, i)
-        recent = (recent + [float(loss)])[-50:]
-        if (i + 1) % max(1, s.steps // 10) == 0 or i == 0:
-            log(f"  ControlNet step {i + 1}/{s.steps}: loss {np.mean(recent):.4f} (mean of the last {len(recent)})")
-    ema = jax.tree.map(lambda x: np.asarray(x, np.float32), ema)
-    return ToyControlNet(config, ema, float(np.mean(recent)), time.time() - started)
+    ema, loss = train_with_ema(loss_fn, params, k_train, s, log, "ControlNet")
+    return ToyControlNet(config, ema, loss, time.time() - started)
 
 
 def controlnet_generator(base, config: ControlNetConfig, steps: int, guidance: float):

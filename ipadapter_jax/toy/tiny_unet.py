@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,35 @@ def min_snr_loss(schedule: NoiseSchedule, pred: jax.Array, x0: jax.Array, noise:
     return jnp.mean(weight * per_example)
 
 
+def train_with_ema(loss_fn: Callable[[Any, jax.Array], jax.Array], params: Any, key: jax.Array, settings: Any,
+                   log: Callable[[str], None], what: str) -> tuple[Any, float]:
+    """The toy models' optimisation (the UNet's and the ControlNet's): ``settings.steps`` AdamW steps on
+    ``loss_fn(params, key)`` with gradients clipped at 1, the learning rate constant after
+    ``settings.warmup_steps`` (as SD was trained, the EMA doing the averaging a decay would), and an EMA of
+    the weights. Returns ``(EMA weights as float32 numpy, mean loss of the last 50 steps)``."""
+    lr = optax.linear_schedule(0.0, settings.learning_rate, settings.warmup_steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01))
+    opt_state = tx.init(params)
+    ema = params
+
+    @jax.jit
+    def step(params, opt_state, ema, i):
+        loss, grads = jax.value_and_grad(loss_fn)(params, jax.random.fold_in(key, i))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        decay = jnp.minimum(settings.ema_decay, (1.0 + i) / (10.0 + i))
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    recent = []
+    for i in range(settings.steps):
+        params, opt_state, ema, loss = step(params, opt_state, ema, i)
+        recent = (recent + [float(loss)])[-50:]
+        if (i + 1) % max(1, settings.steps // 10) == 0 or i == 0:
+            log(f"  {what} step {i + 1}/{settings.steps}: loss {np.mean(recent):.4f} (mean of the last {len(recent)})")
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), ema), float(np.mean(recent))
+
+
 def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTokenizer,
                     settings: TinyUnetSettings = TinyUnetSettings(), log: Callable[[str], None] = print, *,
                     raw_config: dict | None = None, params: dict | None = None,
@@ -147,26 +176,5 @@ def train_tiny_unet(vae: TinyVae, text_module, text_params, tokenizer: CaptionTo
         pred = unet.apply({"params": params}, add_noise(schedule, x0, noise, t), t, context)
         return min_snr_loss(schedule, pred, x0, noise, t, s.min_snr_gamma)
 
-    # Constant after the warmup, as SD was trained, with the EMA doing the averaging a decay would.
-    lr = optax.linear_schedule(0.0, s.learning_rate, s.warmup_steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.01))
-    opt_state = tx.init(params)
-    ema = params
-
-    @jax.jit
-    def step(params, opt_state, ema, i):
-        loss, grads = jax.value_and_grad(loss_fn)(params, jax.random.fold_in(k_train, i))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        decay = jnp.minimum(s.ema_decay, (1.0 + i) / (10.0 + i))
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
-        return params, opt_state, ema, loss
-
-    recent = []
-    for i in range(s.steps):
-        params, opt_state, ema, loss = step(params, opt_state, ema, i)
-        recent = (recent + [float(loss)])[-50:]
-        if (i + 1) % max(1, s.steps // 10) == 0 or i == 0:
-            log(f"  UNet step {i + 1}/{s.steps}: loss {np.mean(recent):.4f} (mean of the last {len(recent)})")
-    ema = jax.tree.map(lambda x: np.asarray(x, np.float32), ema)
-    return TinyUnet(raw, ema, float(np.mean(recent)), time.time() - started)
+    ema, loss = train_with_ema(loss_fn, params, k_train, s, log, "UNet")
+    return TinyUnet(raw, ema, loss, time.time() - started)

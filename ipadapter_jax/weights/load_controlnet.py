@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 
 from ipadapter_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from ipadapter_jax.weights.load_unet import WEIGHTS_NAME
-from ipadapter_jax.weights.safetensors_io import WeightFileError, read_json, read_model_folder, write_safetensors
+from ipadapter_jax.weights.safetensors_io import WeightFileError, read_json, read_model_folder, write_model_folder
 from ipadapter_jax.weights.torch_layout import flax_to_torch, torch_to_flax
 
 CLASS_NAME = "ControlNetModel"
@@ -57,9 +56,4 @@ def load_controlnet(folder: str | os.PathLike, dtype: Any = jnp.float32, **modul
 
 def save_controlnet(params: Any, config: ControlNetConfig, folder: str | os.PathLike) -> None:
     """Write a diffusers ``ControlNetModel`` folder (config.json + float32 safetensors) that diffusers loads."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.astype("float32") for k, v in flax_to_torch(params).items()}
-    write_safetensors(state, folder / f"{WEIGHTS_NAME}.safetensors")
-    with open(folder / "config.json", "w") as f:
-        json.dump(config.to_diffusers(), f, indent=2)
+    write_model_folder(flax_to_torch(params), config.to_diffusers(), folder, WEIGHTS_NAME)

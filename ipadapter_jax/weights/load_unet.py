@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 
 from ipadapter_jax.models.unet import UNet2DConditionModel
 from ipadapter_jax.models.unet_config import UNetConfig
-from ipadapter_jax.weights.safetensors_io import read_json, read_model_folder, write_safetensors
+from ipadapter_jax.weights.safetensors_io import read_json, read_model_folder, write_model_folder
 from ipadapter_jax.weights.torch_layout import flax_to_torch, torch_to_flax
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -42,9 +41,5 @@ def load_unet(folder: str | os.PathLike, dtype: Any = jnp.float32, **module_kwar
 
 def save_unet(params: Any, raw_config: dict, folder: str | os.PathLike) -> None:
     """Write a diffusers-format ``unet/`` folder (config.json + safetensors) that diffusers loads."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.astype("float32") for k, v in flax_to_torch(params).items()}
-    write_safetensors(state, folder / f"{WEIGHTS_NAME}.safetensors")
-    with open(folder / "config.json", "w") as f:
-        json.dump({"_class_name": "UNet2DConditionModel", **raw_config}, f, indent=2)
+    write_model_folder(flax_to_torch(params), {"_class_name": "UNet2DConditionModel", **raw_config}, folder,
+                       WEIGHTS_NAME)

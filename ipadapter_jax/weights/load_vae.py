@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.models.vae import AutoencoderKL, VAEConfig
-from ipadapter_jax.weights.safetensors_io import read_json, read_model_folder, write_safetensors
+from ipadapter_jax.weights.safetensors_io import read_json, read_model_folder, write_model_folder
 from ipadapter_jax.weights.torch_layout import flax_to_torch, torch_to_flax
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -84,10 +83,5 @@ def vae_to_diffusers_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarr
 def save_vae(config: VAEConfig, params: Mapping[str, Any], folder: str | os.PathLike) -> None:
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` in diffusers' layout, loadable by
     ``diffusers.AutoencoderKL.from_pretrained(folder)``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = vae_to_diffusers_state_dict(params)
-    # ml_dtypes.bfloat16 arrays are written as BF16, so bfloat16 params round-trip to torch.bfloat16.
-    write_safetensors(tensors, folder / f"{WEIGHTS_NAME}.safetensors", metadata={"format": "pt"})
-    with open(folder / "config.json", "w") as f:
-        json.dump(config.to_diffusers(), f, indent=2, sort_keys=True)
+    # dtype=None: bfloat16 params are written as BF16 and so round-trip to torch.bfloat16.
+    write_model_folder(vae_to_diffusers_state_dict(params), config.to_diffusers(), folder, WEIGHTS_NAME, dtype=None)

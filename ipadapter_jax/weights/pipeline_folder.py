@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from ipadapter_jax.atomic_files import write_atomic
 from ipadapter_jax.conditioning import TEXT_ENCODERS, TOKENIZERS
 from ipadapter_jax.models.unet_config import UNetConfig
 from ipadapter_jax.models.vae import VAEConfig
@@ -31,7 +32,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def copy_tokenizer(tokenizer_dir: str | Path, folder: str | Path) -> Path:

@@ -12,13 +12,13 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from ipadapter_jax.atomic_files import atomic_path
+from ipadapter_jax.atomic_files import atomic_path, write_atomic
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -106,9 +106,24 @@ def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write atomically: a crash mid-write never leaves a half file under the final name."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    # np.require, not np.ascontiguousarray: that one turns 0-d tensors (CLIPModel's logit_scale) into shape
+    # [1], which transformers then rejects as a size mismatch.
+    arrays = {k: np.require(v, requirements="C") for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         safetensors.numpy.save_file(arrays, str(tmp), metadata=dict(metadata) if metadata else None)
+
+
+def write_model_folder(state: Mapping[str, np.ndarray], config: Mapping, folder: str | os.PathLike,
+                       weights_name: str, dtype: Any = np.float32) -> Path:
+    """A diffusers/transformers model folder as their ``save_pretrained`` writes it: ``config.json`` and
+    ``{weights_name}.safetensors`` of ``state`` (torch layout) cast to ``dtype`` (None keeps each tensor's:
+    ml_dtypes.bfloat16 is written as BF16), each file written whole. Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.asarray(v) if dtype is None else np.asarray(v, dtype) for k, v in sorted(state.items())}
+    write_safetensors(tensors, folder / f"{weights_name}.safetensors", metadata={"format": "pt"})
+    write_atomic(folder / "config.json", json.dumps(dict(config), indent=2, sort_keys=True))
+    return folder
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -7,14 +7,13 @@ way (see ``ipadapter_jax.models.clip``), so ``flax_to_torch`` gives the names.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import safetensors.numpy
 
+from ipadapter_jax.weights.safetensors_io import write_model_folder
 from ipadapter_jax.weights.torch_layout import flax_to_torch
 
 TRANSFORMERS_VERSION = "4.45.0"  # the oldest transformers our pyproject accepts; both 4.x and 5.x read these
@@ -75,13 +74,5 @@ def clip_image_processor_config(image_size: int) -> dict:
 def write_transformers_folder(folder: str | os.PathLike, config: Mapping[str, Any], params: Mapping[str, Any],
                               extra_tensors: Mapping[str, np.ndarray] | None = None) -> Path:
     """``config.json`` + ``model.safetensors`` (float32) from a Flax param tree named after transformers."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: np.asarray(v, np.float32) for k, v in flax_to_torch(params).items()}
-    tensors.update({k: np.asarray(v, np.float32) for k, v in (extra_tensors or {}).items()})
-    # Written directly: the shared writer's np.ascontiguousarray turns 0-d tensors (CLIPModel's logit_scale)
-    # into shape [1], which transformers then rejects as a size mismatch.
-    safetensors.numpy.save_file(dict(sorted(tensors.items())), str(folder / "model.safetensors"),
-                                metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True))
-    return folder
+    tensors = {**flax_to_torch(params), **(extra_tensors or {})}
+    return write_model_folder(tensors, config, folder, "model")
