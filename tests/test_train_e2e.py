@@ -113,17 +113,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert max(abs(ours[s] - ref[s]) for s in ref) <= 1e-6
 
 
-def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(world, tmp_path):
-    config = tiny_config(world, num_steps=100_000, checkpoint__every_steps=50_000)
-    workdir = tmp_path / "run"
-    proc = start_train(world, config, workdir)
+def _sigterm_when(world, workdir, ready, what: str) -> int:
+    """Start a run that would go on for hours, SIGTERM it once ``ready()``, and return its exit code."""
+    proc = start_train(world, tiny_config(world, num_steps=100_000, checkpoint__every_steps=50_000), workdir)
     try:
-        wait_for(lambda: len(read_metrics(workdir)) >= 3, timeout=600, what="three logged steps", proc=proc)
+        wait_for(ready, timeout=600, what=what, proc=proc)
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=120)
+        return proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(world, tmp_path):
+    workdir = tmp_path / "run"
+    code = _sigterm_when(world, workdir, lambda: len(read_metrics(workdir)) >= 3, "three logged steps")
     assert code == 0, log_of(workdir)[-3000:]
     last = read_metrics(workdir)[-1]["step"]
     assert finished_checkpoints(workdir) == [last]
@@ -134,16 +138,8 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(world,
 def test_sigterm_during_setup_stops_before_the_first_step_and_releases_the_workdir(world, tmp_path):
     # A preemption notice can arrive while the run is still loading and compiling (minutes on a pod): the
     # handler is in from the start, so the run stops cleanly instead of dying with its lease held.
-    config = tiny_config(world, num_steps=100_000, checkpoint__every_steps=50_000)
     workdir = tmp_path / "run"
-    proc = start_train(world, config, workdir)
-    try:
-        wait_for(lambda: "mesh:" in log_of(workdir), timeout=600, what="the setup", proc=proc)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code = _sigterm_when(world, workdir, lambda: "mesh:" in log_of(workdir), "the setup")
     assert code == 0, log_of(workdir)[-3000:]
     assert "stopped at step 0 (preempted)" in log_of(workdir), log_of(workdir)[-3000:]
     assert read_metrics(workdir) == []  # no step ran

@@ -58,16 +58,7 @@ def random_faceid_state(attentions: list[tuple[int, int, int]], cross_dim: int, 
         proj.update({f"{p}.proj_in.weight": r(d, clip_dim), f"{p}.proj_in.bias": r(d),
                      f"{p}.proj_out.weight": r(cross_dim, d), f"{p}.proj_out.bias": r(cross_dim),
                      f"{p}.norm_out.weight": 1 + r(cross_dim), f"{p}.norm_out.bias": r(cross_dim)})
-        for i in range(4):
-            q = f"{p}.layers.{i}"
-            proj.update({
-                f"{q}.0.norm1.weight": 1 + r(d), f"{q}.0.norm1.bias": r(d),
-                f"{q}.0.norm2.weight": 1 + r(d), f"{q}.0.norm2.bias": r(d),
-                f"{q}.0.to_q.weight": r(perceiver_inner, d), f"{q}.0.to_kv.weight": r(2 * perceiver_inner, d),
-                f"{q}.0.to_out.weight": r(d, perceiver_inner),
-                f"{q}.1.0.weight": 1 + r(d), f"{q}.1.0.bias": r(d),
-                f"{q}.1.1.weight": r(4 * d, d), f"{q}.1.3.weight": r(d, 4 * d),
-            })
+        proj.update(_perceiver_layers(r, f"{p}.layers", d, perceiver_inner, 4))
     elif variant != "faceid":
         raise ValueError(variant)
     layers = {}
@@ -81,6 +72,23 @@ def random_faceid_state(attentions: list[tuple[int, int, int]], cross_dim: int, 
                 layers[f"{k}.{name}_lora.down.weight"] = r(lora_rank, n_in)
                 layers[f"{k}.{name}_lora.up.weight"] = r(n_out, lora_rank)
     return {"image_proj": proj, "ip_adapter": layers}
+
+
+def _perceiver_layers(r, prefix: str, width: int, inner: int, depth: int) -> dict[str, np.ndarray]:
+    """The published names of a Resampler's (or FaceID-Plus perceiver's) ``depth`` attention + feed-forward
+    layers, drawn from ``r`` in a fixed order (the files a seed gives stay the same)."""
+    out = {}
+    for i in range(depth):
+        q = f"{prefix}.{i}"
+        out.update({
+            f"{q}.0.norm1.weight": 1 + r(width), f"{q}.0.norm1.bias": r(width),
+            f"{q}.0.norm2.weight": 1 + r(width), f"{q}.0.norm2.bias": r(width),
+            f"{q}.0.to_q.weight": r(inner, width), f"{q}.0.to_kv.weight": r(2 * inner, width),
+            f"{q}.0.to_out.weight": r(width, inner),
+            f"{q}.1.0.weight": 1 + r(width), f"{q}.1.0.bias": r(width),
+            f"{q}.1.1.weight": r(4 * width, width), f"{q}.1.3.weight": r(width, 4 * width),
+        })
+    return out
 
 
 def random_ip_adapter_state(widths: list[int], cross_dim: int, variant: str, seed: int,
@@ -100,16 +108,7 @@ def random_ip_adapter_state(widths: list[int], cross_dim: int, variant: str, see
         proj = {"latents": r(1, queries, hidden_dim), "proj_in.weight": r(hidden_dim, embed_dim),
                 "proj_in.bias": r(hidden_dim), "proj_out.weight": r(cross_dim, hidden_dim),
                 "proj_out.bias": r(cross_dim), "norm_out.weight": 1 + r(cross_dim), "norm_out.bias": r(cross_dim)}
-        for i in range(depth):
-            p = f"layers.{i}"
-            proj.update({
-                f"{p}.0.norm1.weight": 1 + r(hidden_dim), f"{p}.0.norm1.bias": r(hidden_dim),
-                f"{p}.0.norm2.weight": 1 + r(hidden_dim), f"{p}.0.norm2.bias": r(hidden_dim),
-                f"{p}.0.to_q.weight": r(hidden_dim, hidden_dim), f"{p}.0.to_kv.weight": r(2 * hidden_dim, hidden_dim),
-                f"{p}.0.to_out.weight": r(hidden_dim, hidden_dim),
-                f"{p}.1.0.weight": 1 + r(hidden_dim), f"{p}.1.0.bias": r(hidden_dim),
-                f"{p}.1.1.weight": r(4 * hidden_dim, hidden_dim), f"{p}.1.3.weight": r(hidden_dim, 4 * hidden_dim),
-            })
+        proj.update(_perceiver_layers(r, "layers", hidden_dim, hidden_dim, depth))
     elif variant == "full":
         proj = {"proj.0.weight": r(embed_dim, embed_dim), "proj.0.bias": r(embed_dim),
                 "proj.2.weight": r(cross_dim, embed_dim), "proj.2.bias": r(cross_dim),
