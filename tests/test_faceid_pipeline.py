@@ -1,0 +1,143 @@
+"""FaceID adapters through ``IPAdapterPipeline`` and ``sample.py``, end to end against diffusers'
+StableDiffusionPipeline.
+
+The tiny random SD pipeline of ``tests/test_pipeline_parity.py`` (saved by diffusers, both sides loading from
+disk, the same starting latents, fp32, DDIM, guidance 7.5) with random FaceID files in h94's layout (LoRA
+rank 4 on every attention, 512-d face embeddings). diffusers takes the face as ``ip_adapter_image_embeds =
+[cat(zero face, face)]`` and, for FaceID-PlusV2, the face crop's CLIP hidden states (its pipeline's own
+``prepare_ip_adapter_image_embeds``: the crop, then a zero image for the negative) and ``shortcut`` /
+``shortcut_scale`` set on its projection layer, as its FaceID docs do; its LoRA runs through PEFT at the
+``set_adapters`` weight. Metric: max |our pixels - diffusers' pixels| <= 2e-3 (pixels in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import peft  # noqa: F401  (the test extra's; without it diffusers drops a FaceID file's LoRA with a warning)
+import pytest
+import torch
+
+from ipadapter_jax import IPAdapterPipeline
+from ipadapter_jax.pipeline.denoise import generate
+from ipadapter_jax.testing.random_weights import random_faceid_state, torch_attention_shapes, write_ip_adapter_state
+from ipadapter_jax.testing.reference_pipelines import build_pipeline_dir, reference_image
+
+TOL = 2e-3
+STEPS = 4
+SIZE = 32
+BATCH = 2
+PROMPT = "a red circle"
+FACE_DIM = 512
+# (file name, variant): the file name says PlusV2 (its shortcut), as h94 names them.
+FILES = {"faceid": "ip-adapter-faceid_sd15.safetensors", "faceid_plus": "ip-adapter-faceid-plusv2_sd15.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The parity pipeline with a VAE whose pixels follow the latents closely (the sensitive pair's), and the
+    two FaceID files beside it."""
+    from diffusers import UNet2DConditionModel
+
+    folder = build_pipeline_dir("sd", tmp_path_factory.mktemp("faceid_pipe"), vae_std=0.3)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    clip_dim = json.loads((folder / "image_encoder" / "config.json").read_text())["hidden_size"]
+    for seed, (variant, name) in enumerate(FILES.items()):
+        state = random_faceid_state(torch_attention_shapes(unet), unet.config.cross_attention_dim, variant,
+                                    seed=10 + seed, lora_rank=4, id_dim=FACE_DIM, clip_dim=clip_dim, std=0.3)
+        write_ip_adapter_state(state, folder / name)
+    return folder
+
+
+def face_embedding(seed: int = 0) -> np.ndarray:
+    """A unit-norm 512-d vector, like insightface's ``normed_embedding``."""
+    face = np.random.default_rng(seed).standard_normal(FACE_DIM).astype(np.float32)
+    return face / np.linalg.norm(face)
+
+
+class FacePair:
+    def __init__(self, folder: Path, variant: str):
+        from diffusers import DiffusionPipeline
+
+        self.variant, self.path = variant, folder / FILES[variant]
+        self.ours = IPAdapterPipeline.from_pretrained(folder, ip_adapter=self.path)
+        self.theirs = DiffusionPipeline.from_pretrained(folder)
+        self.theirs.load_ip_adapter(str(folder), subfolder="", weight_name=self.path.name, image_encoder_folder=None)
+        self.theirs.set_progress_bar_config(disable=True)
+        self.face = face_embedding()
+        self.crop = reference_image(seed=3) if variant == "faceid_plus" else None
+        self.latents = torch.randn(BATCH, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
+
+    def run_theirs(self, scale, lora_scale=1.0, s_scale=1.0):
+        pipe = self.theirs
+        pipe.set_ip_adapter_scale(scale)
+        pipe.set_adapters(["faceid_0"], adapter_weights=[lora_scale])
+        face = torch.from_numpy(self.face)[None, None]
+        embeds = torch.cat([torch.zeros_like(face), face])  # [negative; positive], [2, 1, 512]
+        if self.crop is not None:
+            layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+            layer.clip_embeds = pipe.prepare_ip_adapter_image_embeds([self.crop], None, "cpu", BATCH, True)[0]
+            layer.shortcut, layer.shortcut_scale = True, s_scale
+        return pipe(PROMPT, ip_adapter_image_embeds=[embeds], num_inference_steps=STEPS, guidance_scale=7.5,
+                    height=SIZE, width=SIZE, latents=self.latents.clone(), num_images_per_prompt=BATCH,
+                    output_type="np").images
+
+    def run_ours(self, scale, lora_scale=1.0, s_scale=None, face=None):
+        return self.ours([PROMPT] * BATCH, ip_adapter_face_embeds=self.face if face is None else face,
+                         ip_adapter_image=self.crop, ip_scale=scale, lora_scale=lora_scale, s_scale=s_scale,
+                         num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,
+                         latents=self.latents.numpy(), scheduler="ddim")
+
+
+@pytest.fixture(scope="module", params=sorted(FILES))
+def pair(request, folder):
+    return FacePair(folder, request.param)
+
+
+def test_pixels_match_diffusers(pair):
+    """Face scale 0 and 1 (the LoRA runs at both) and, for PlusV2, the shortcut at s_scale 1 (the default)."""
+    images = {}
+    for scale in (0.0, 1.0):
+        ours, ref = pair.run_ours(scale), pair.run_theirs(scale)
+        assert ours.shape == ref.shape == (BATCH, SIZE, SIZE, 3)
+        err = np.abs(ours - ref).max()
+        assert err <= TOL, f"{pair.variant} ip_scale={scale}: max abs diff {err:.2e}"
+        images[scale] = ours
+    moved = np.abs(images[1.0] - images[0.0]).max()
+    assert moved > 0.05, f"the face prompt moved pixels by only {moved:.3f}"
+
+
+def test_lora_and_shortcut_scales_are_data(pair):
+    """A new LoRA weight (and PlusV2 shortcut weight) matches diffusers at the same weights, moves the pixels,
+    and runs the program already compiled."""
+    first = pair.run_ours(1.0)
+    compiled = generate._cache_size()
+    s_scale = 0.5 if pair.variant == "faceid_plus" else None
+    ours = pair.run_ours(1.0, lora_scale=0.5, s_scale=s_scale)
+    assert generate._cache_size() == compiled, "a new lora_scale / s_scale compiled a new program"
+    ref = pair.run_theirs(1.0, lora_scale=0.5, s_scale=1.0 if s_scale is None else s_scale)
+    err = np.abs(ours - ref).max()
+    assert err <= TOL, f"{pair.variant} lora_scale=0.5 s_scale={s_scale}: max abs diff {err:.2e}"
+    assert np.abs(ours - first).max() > 10 * TOL
+    if s_scale is not None:  # the shortcut weight alone moves the pixels too
+        assert np.abs(pair.run_ours(1.0, s_scale=s_scale) - first).max() > 10 * TOL
+    assert generate._cache_size() == compiled
+
+
+def test_face_inputs_are_checked(pair, tmp_path):
+    """Face embeddings from a .npy file are the array's; no embeddings, a garbled file or another width are
+    one-line errors before anything runs."""
+    np.save(tmp_path / "face.npy", pair.face[None])
+    np.testing.assert_array_equal(pair.run_ours(1.0, face=str(tmp_path / "face.npy")), pair.run_ours(1.0))
+    (tmp_path / "garbled.npy").write_bytes(b"not a numpy file")
+    cases = [(None, "takes face embeddings: pass ip_adapter_face_embeds="),
+             (str(tmp_path / "garbled.npy"), "garbled.npy: not a .npy array numpy can read"),
+             (str(tmp_path / "missing.npy"), "missing.npy: no such file"),
+             (np.zeros(128, np.float32), r"shape \(128,\); the adapter takes \[512\]")]
+    for face, message in cases:
+        # An image with no face embeddings: not text-only, so the missing face is the error.
+        image = reference_image() if face is None and pair.crop is None else pair.crop
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            pair.ours([PROMPT], ip_adapter_face_embeds=face, ip_adapter_image=image, num_inference_steps=1)
