@@ -13,18 +13,23 @@ rank 4 on every attention, 512-d face embeddings). diffusers takes the face as `
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import peft  # noqa: F401  (the test extra's; without it diffusers drops a FaceID file's LoRA with a warning)
 import pytest
 import torch
+from PIL import Image
 
 from ipadapter_jax import IPAdapterPipeline
 from ipadapter_jax.pipeline.denoise import generate
 from ipadapter_jax.testing.random_weights import random_faceid_state, torch_attention_shapes, write_ip_adapter_state
 from ipadapter_jax.testing.reference_pipelines import build_pipeline_dir, reference_image
 
+REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-3
 STEPS = 4
 SIZE = 32
@@ -141,3 +146,25 @@ def test_face_inputs_are_checked(pair, tmp_path):
         image = reference_image() if face is None and pair.crop is None else pair.crop
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             pair.ours([PROMPT], ip_adapter_face_embeds=face, ip_adapter_image=image, num_inference_steps=1)
+
+
+def test_sample_cli_face_embeds_end_to_end(folder, tmp_path):
+    """``sample.py --face-embeds F.npy`` writes the pipeline's images for that face (seed-drawn noise)."""
+    np.save(tmp_path / "face.npy", face_embedding())
+    command = [sys.executable, str(REPO / "sample.py"), "--model", str(folder), "--ip-adapter",
+               str(folder / FILES["faceid"]), "--face-embeds", str(tmp_path / "face.npy"), "--prompt", PROMPT,
+               "--scale", "1.0", "--steps", str(STEPS), "--guidance", "7.5", "--seed", "0", "--num-images",
+               str(BATCH), "--height", str(SIZE), "--width", str(SIZE), "--scheduler", "ddim",
+               "--out", str(tmp_path / "out")]
+    proc = subprocess.run(command, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = IPAdapterPipeline.from_pretrained(folder, ip_adapter=folder / FILES["faceid"])
+    expected = pipe(PROMPT, num_images_per_prompt=BATCH, ip_adapter_face_embeds=face_embedding(), ip_scale=1.0,
+                    num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE, seed=0,
+                    scheduler="ddim")
+    for i in range(BATCH):
+        written = np.asarray(Image.open(tmp_path / "out" / f"{i:03d}.png"), np.float32) / 255
+        assert np.abs(written - expected[i]).max() <= 1 / 255 + 1e-6, i
+        settings = json.loads(Image.open(tmp_path / "out" / f"{i:03d}.png").text["ipadapter_jax"])
+        assert settings["face_embeds"] == [str(tmp_path / "face.npy")]

@@ -17,4 +17,5 @@ from ipadapter_jax.conditioning.text import (INPUT_IDS, TEXT_ENCODERS, TOKENIZER
 
 __all__ = ["INPUT_IDS", "TEXT_ENCODERS", "TOKENIZERS", "TextConditioning", "added_conditioning",
            "clip_processing_config", "encode_image_prompt", "encode_text", "face_prompt_features",
-           "image_prompt_features", "load_face_embeds", "prompt_conditioning", "read_face_embeds", "sdxl_time_ids", "text_encoder_names"]
+           "image_prompt_features", "load_face_embeds", "prompt_conditioning", "read_face_embeds", "sdxl_time_ids",
+           "text_encoder_names"]
