@@ -75,12 +75,12 @@ class FacePair:
         self.crop = reference_image(seed=3) if variant == "faceid_plus" else None
         self.latents = torch.randn(BATCH, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
 
-    def run_theirs(self, scale, lora_scale=1.0, s_scale=1.0):
+    def run_theirs(self, scale, lora_scale=1.0, s_scale=1.0, face=None):
         pipe = self.theirs
         pipe.set_ip_adapter_scale(scale)
         pipe.set_adapters(["faceid_0"], adapter_weights=[lora_scale])
-        face = torch.from_numpy(self.face)[None, None]
-        embeds = torch.cat([torch.zeros_like(face), face])  # [negative; positive], [2, 1, 512]
+        face = torch.from_numpy(self.face if face is None else face).reshape(1, -1, FACE_DIM)
+        embeds = torch.cat([torch.zeros_like(face), face])  # [negative; positive], [2, faces, 512]
         if self.crop is not None:
             layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
             layer.clip_embeds = pipe.prepare_ip_adapter_image_embeds([self.crop], None, "cpu", BATCH, True)[0]
@@ -102,7 +102,8 @@ def pair(request, folder):
 
 
 def test_pixels_match_diffusers(pair):
-    """Face scale 0 and 1 (the LoRA runs at both) and, for PlusV2, the shortcut at s_scale 1 (the default)."""
+    """Face scale 0 and 1 (the LoRA runs at both), PlusV2's shortcut at s_scale 1 (the default), and plain
+    FaceID given two faces."""
     images = {}
     for scale in (0.0, 1.0):
         ours, ref = pair.run_ours(scale), pair.run_theirs(scale)
@@ -112,6 +113,12 @@ def test_pixels_match_diffusers(pair):
         images[scale] = ours
     moved = np.abs(images[1.0] - images[0.0]).max()
     assert moved > 0.05, f"the face prompt moved pixels by only {moved:.3f}"
+    if pair.variant == "faceid":  # several faces of one person, as Portrait takes them: [n, 512]
+        faces = np.stack([pair.face, face_embedding(seed=1)])
+        ours, ref = pair.run_ours(1.0, face=faces), pair.run_theirs(1.0, face=faces)
+        err = np.abs(ours - ref).max()
+        assert err <= TOL, f"two faces: max abs diff {err:.2e}"
+        assert np.abs(ours - images[1.0]).max() > 10 * TOL
 
 
 def test_lora_and_shortcut_scales_are_data(pair):
@@ -141,11 +148,19 @@ def test_face_inputs_are_checked(pair, tmp_path):
              (str(tmp_path / "garbled.npy"), "garbled.npy: not a .npy array numpy can read"),
              (str(tmp_path / "missing.npy"), "missing.npy: no such file"),
              (np.zeros(128, np.float32), r"shape \(128,\); the adapter takes \[512\]")]
+    cases.append(([pair.face, pair.face], "2 face embeddings for 1 FaceID IP-Adapters"))
     for face, message in cases:
         # An image with no face embeddings: not text-only, so the missing face is the error.
         image = reference_image() if face is None and pair.crop is None else pair.crop
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             pair.ours([PROMPT], ip_adapter_face_embeds=face, ip_adapter_image=image, num_inference_steps=1)
+    if pair.variant == "faceid":
+        with pytest.raises(ValueError, match="s_scale is FaceID-PlusV2's shortcut weight, and no PlusV2"):
+            pair.ours([PROMPT], ip_adapter_face_embeds=pair.face, s_scale=0.5, num_inference_steps=1)
+    else:
+        with pytest.raises(ValueError, match="FaceID-Plus IP-Adapter takes one face embedding with its face crop"):
+            pair.ours([PROMPT], ip_adapter_face_embeds=np.stack([pair.face] * 2), ip_adapter_image=pair.crop,
+                      num_inference_steps=1)
 
 
 def test_sample_cli_face_embeds_end_to_end(folder, tmp_path):
