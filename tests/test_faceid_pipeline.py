@@ -189,14 +189,15 @@ def test_sample_cli_face_embeds_end_to_end(folder, tmp_path):
 def test_faceid_beside_a_plain_adapter(pair, folder):
     """A plain adapter then FaceID-PlusV2 in one pipeline: the image list holds one image per adapter that
     reads one (the plain reference, then the face crop), the face embeddings go to the FaceID adapter, its LoRA
-    and s_scale by adapter index (the plain adapter's entries unused). With the plain adapter at scale 0 the images are the PlusV2-only pipeline's."""
+    and s_scale by adapter index (the plain adapter's entries unused). With the plain adapter at scale 0 the
+    images are the PlusV2-only pipeline's."""
     both = IPAdapterPipeline.from_pretrained(folder, ip_adapter=[write_adapter(folder, "plain", seed=1), pair.path])
     expected = pair.run_ours(1.0, lora_scale=0.5, s_scale=0.5)
 
     def run(scales, images):
         return both([PROMPT] * BATCH, ip_adapter_face_embeds=pair.face, ip_adapter_image=images, ip_scale=scales,
-                    lora_scale=[0.9, 0.5], s_scale=[0.9, 0.5], num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE,
-                    width=SIZE, latents=pair.latents.numpy(), scheduler="ddim")
+                    lora_scale=[0.9, 0.5], s_scale=[0.9, 0.5], num_inference_steps=STEPS, guidance_scale=7.5,
+                    height=SIZE, width=SIZE, latents=pair.latents.numpy(), scheduler="ddim")
 
     np.testing.assert_allclose(run([0.0, 1.0], [reference_image(), pair.crop]), expected, rtol=0, atol=1e-5)
     assert np.abs(run([1.0, 1.0], [reference_image(), pair.crop]) - expected).max() > 10 * TOL
