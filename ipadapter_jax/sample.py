@@ -28,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-encoder", nargs="+", default=None,
                    help="CLIPVisionModelWithProjection folder, or one per adapter (default: for each adapter, the "
                         "first whose width fits of MODEL/image_encoder, beside the adapter, h94's models/image_encoder)")
-    p.add_argument("--image", nargs="*", default=None, help="reference image(s), one per adapter")
+    p.add_argument("--image", nargs="*", default=None,
+                   help="reference image(s), one per adapter that reads an image (FaceID-Plus: the face crop)")
+    p.add_argument("--face-embeds", action="append", default=None, metavar="F.npy",
+                   help="face embeddings for a FaceID adapter ([512] or [faces, 512] .npy, as python -m "
+                        "ipadapter_jax.tools.face_embeds writes); repeat the flag or give a comma list, one per "
+                        "FaceID adapter")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="FaceID LoRA weight")
+    p.add_argument("--s-scale", type=float, default=None, help="FaceID-PlusV2 shortcut weight (default 1.0)")
     p.add_argument("--prompt", default="", help="text prompt ('' for image-only prompting)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--scale", type=float, default=0.6, help="IP-Adapter scale (lambda)")
@@ -81,6 +88,19 @@ def read_reference_images(paths: Sequence[str]) -> list[Image.Image]:
     return images
 
 
+def face_embeds_paths(values: Sequence[str] | None) -> list[str]:
+    """``--face-embeds`` as given (repeated, or comma lists) -> one path per FaceID adapter."""
+    return [path for value in values or [] for path in value.split(",") if path]
+
+
+def read_face_embeds_files(paths: Sequence[str]) -> list:
+    """Each ``--face-embeds`` file read now, so that a missing or garbled one is reported before the base model
+    is loaded (the shape is checked against its adapter by the pipeline)."""
+    from ipadapter_jax.conditioning import load_face_embeds
+
+    return [load_face_embeds(path, "--face-embeds") for path in paths]
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Values and paths that are wrong on their face, checked before anything is loaded or compiled."""
     for name in ("num_images", "steps"):
@@ -131,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(f"no --model: the toy base {args.model}, adapter {args.ip_adapter}, image {args.image}", flush=True)
     check_arguments(args)
     images_in = read_reference_images(args.image or [])
+    faces_in = read_face_embeds_files(face_embeds_paths(args.face_embeds))
     enable_compilation_cache()
     started = time.time()
     print(f"loading {args.model} ...", flush=True)
@@ -148,12 +169,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images = pipe(args.prompt, num_images_per_prompt=args.num_images, ip_adapter_image=reference, ip_scale=args.scale,
                   negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
-                  scheduler=args.scheduler)
+                  scheduler=args.scheduler, ip_adapter_face_embeds=faces_in or None,
+                  lora_scale=args.lora_scale, s_scale=args.s_scale)
     print(f"sampled in {time.time() - started:.1f}s", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings["face_embeds"] = face_embeds_paths(args.face_embeds) or None
     for i, image in enumerate(images):
         info = PngImagePlugin.PngInfo()
         info.add_text("ipadapter_jax", json.dumps({**settings, "index": i}))

@@ -36,6 +36,10 @@ CASES = {
     "sample_negative_steps": (SAMPLE + ["--steps", "-3"], "sample.py", 2, "--steps=-3 must be at least 1"),
     "sample_tiny_height": (SAMPLE + ["--height", "4"], "sample.py", 2, "--height=4"),
     "sample_misspelt_flag": (SAMPLE + ["--sacle", "0.6"], "sample.py", 2, "unrecognized arguments"),
+    "sample_missing_face_embeds": (SAMPLE + ["--face-embeds", "face.npy,missing.npy"], "sample.py", 2,
+                                   "--face-embeds missing.npy: no such file"),
+    "sample_garbled_face_embeds": (SAMPLE + ["--face-embeds", "garbled.npy"], "sample.py", 2,
+                                   "--face-embeds garbled.npy: not a .npy array numpy can read"),
     # Cross-attention widths of another base (as an SDXL adapter has on SD1.5): read from the adapter file.
     "sample_adapter_of_another_base": (SAMPLE + ["--ip-adapter", "wide_adapter.safetensors"], "sample.py", 2,
                                        "the UNet needs"),
@@ -88,6 +92,8 @@ def scratch(tmp_path_factory):
         {"host": socket.gethostname(), "pid": os.getpid(), "run": "live", "since": "now",
          "heartbeat": time.time() + 3600}))
     (root / "not_an_image.png").write_text("these bytes are no PNG\n")
+    np.save(root / "face.npy", np.ones(512, np.float32))
+    (root / "garbled.npy").write_bytes(b"\x93NUMPY but not really")
     (root / "photos").mkdir()
     tensors = load_file(str(TOY / "ip_adapter.safetensors"))
     # Twice the input width of every ip_adapter projection: an adapter made for another base's text width.

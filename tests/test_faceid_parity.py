@@ -13,7 +13,6 @@ and ``shortcut_scale`` as attributes of its projection layer, as diffusers' Face
 from __future__ import annotations
 
 import re
-import types
 
 import jax
 import jax.numpy as jnp
@@ -287,24 +286,6 @@ def test_without_lora_the_unet_program_is_unchanged(setups, monkeypatch):
     for module in (attention, decoupled_cross_attention):
         monkeypatch.setattr(module, "add_lora", lambda m, name, x, y: y)
     assert lowered() == with_call_sites
-
-
-def test_pipeline_refuses_faceid_until_it_takes_face_embeddings(tmp_path):
-    """Until the pipeline's conditioning takes face embeddings, a FaceID file is a one-line error there (not a
-    shape error deep in the jitted loop)."""
-    from ipadapter_jax.models.unet_config import UNetConfig
-    from ipadapter_jax.pipeline.ip_adapter_pipeline import IPAdapterPipeline
-    from ipadapter_jax.toy_assets import ASSETS
-    from ipadapter_jax.weights.safetensors_io import read_json
-
-    config = UNetConfig.from_diffusers(read_json(ASSETS / "base" / "unet" / "config.json"))
-    shapes = [s for _, w in config.cross_attention_layers() for s in ((w, w, w), (w, config.cross_attention_dim, w))]
-    _write(random_faceid_state(shapes, config.cross_attention_dim, "faceid", seed=0, id_dim=ID_DIM),
-           tmp_path / "faceid.safetensors")
-    adapter = load_ip_adapter(tmp_path / "faceid.safetensors")
-    # The adapters are checked before anything else of the base model is touched: only its UNet config is read.
-    with pytest.raises(ValueError, match="a faceid .FaceID. IP-Adapter takes face embeddings"):
-        IPAdapterPipeline(types.SimpleNamespace(unet_config=config), [adapter])
 
 
 def test_lora_that_does_not_fit_the_unet_is_refused(setups, tmp_path):

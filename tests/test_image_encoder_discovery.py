@@ -14,7 +14,8 @@ import pytest
 from ipadapter_jax import IPAdapterPipeline, load_ip_adapter
 from ipadapter_jax.pipeline.components import load_image_encoder
 from ipadapter_jax.pipeline.image_encoders import image_encoder_dirs
-from ipadapter_jax.testing.random_weights import (random_ip_adapter_state, randomize_, torch_cross_attention_widths,
+from ipadapter_jax.testing.random_weights import (random_faceid_state, random_ip_adapter_state, randomize_,
+                                                  torch_attention_shapes, torch_cross_attention_widths,
                                                   write_ip_adapter_state)
 from ipadapter_jax.testing.reference_pipelines import IMAGE_ENCODER, build_pipeline_dir, reference_image
 
@@ -95,3 +96,23 @@ def test_vit_h_and_bigg_adapters_combine(layout):
     alone = run(one, images[0], 0.7)
     assert np.abs(together - alone).max() <= 1e-5
     assert np.abs(run(both, images, [0.7, 1.0]) - together).max() > 1e-3  # the bigG adapter does act
+
+
+def test_faceid_adapters_get_an_encoder_for_the_face_crop_only(layout):
+    """Plain FaceID reads no image (no encoder, None); FaceID-Plus gets the encoder whose hidden states are as
+    wide as its perceiver reads (``clip_dim``), found or given, not one as wide as its face embeddings."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(layout["base"] / "unet")
+    shapes, cross = torch_attention_shapes(unet), unet.config.cross_attention_dim
+    files = {}
+    for name, variant, clip_dim in (("ip-adapter-faceid_sd15", "faceid", 32), ("faceid-plusv2_bigg", "faceid_plus", 40),
+                                    ("faceid-plusv2_vit-h", "faceid_plus", 32)):
+        files[name] = layout["bigg"].parent / f"{name}.safetensors"
+        write_ip_adapter_state(random_faceid_state(shapes, cross, variant, seed=1, clip_dim=clip_dim), files[name])
+    faceid = {**layout, **files}
+    assert _dirs(faceid, list(files)) == [None, layout["bigg"], layout["vit_h"]]
+    assert _dirs(faceid, ["ip-adapter-faceid_sd15"], image_encoder=layout["bigg"]) == [None]
+    with pytest.raises(ValueError, match=r"takes 40-wide image features but its image encoder gives 32 "
+                                         r"\(hidden_size\)"):
+        _dirs(faceid, ["faceid-plusv2_bigg"], image_encoder=layout["vit_h"])

@@ -53,6 +53,8 @@ COVERED_BY = {
     "jupyter execute --inplace notebooks/quickstart.ipynb": [
         "tests/test_notebook.py::test_quickstart_runs_top_to_bottom",
         "tests/test_notebook.py::test_committed_notebook_carries_its_outputs"],
+    "python3 sample.py --model /models/stable-diffusion-v1-5 --ip-adapter /models/IP-Adapter-FaceID/": [
+        "tests/test_faceid_pipeline.py::test_sample_cli_face_embeds_end_to_end"],
     "python3 sample.py": ["tests/test_sample_cli.py::test_sample_cli_writes_images_grid_and_reuses_compilations",
                           "tests/test_pipeline_parity.py::test_pixels_match_diffusers"],
     "python3 -m ipadapter_jax.evaluate": ["tests/test_evaluate.py::test_cli_end_to_end_on_the_toy_base",

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ipadapter_jax.diffusion.samplers import sample_loop
 from ipadapter_jax.models.adapter import adapter_variables
-from ipadapter_jax.models.image_projection import ProjectionConfig, projection_module
+from ipadapter_jax.models.image_projection import FACEID_PLUS, ProjectionConfig, projection_module
 from ipadapter_jax.models.unet_config import UNetConfig
 
 
@@ -59,7 +59,8 @@ class GenerateSettings:
 @dataclasses.dataclass(frozen=True)
 class GenerateWeights:
     """unet: UNet params; decoder: what ``settings.decode`` takes; adapters: per adapter
-    ``{"image_proj": ..., "layers": [...]}`` (``IPAdapter.params``)."""
+    ``{"image_proj": ..., "layers": [...]}`` (``IPAdapter.params``; FaceID files add their ``"lora"``, which
+    then runs on the UNet's attentions in the same loop)."""
 
     unet: Any
     decoder: Any
@@ -75,11 +76,16 @@ class GenerateInputs:
     sampler: the sampler state (``diffusion.samplers``: timesteps and coefficients as arrays).
     context, added_cond: text conditioning, ``[copies * B, T, C]`` (negative half first when guided), and
       SDXL's ``{"text_embeds", "time_ids"}`` likewise (None for SD).
-    image_features: per adapter, the encoder output its projection net takes, negative half first when
-      guided (zero embedding / zero-image hidden states), batch ``copies`` (one reference for the whole
-      batch) or ``copies * B``.
+    image_features: per adapter, the input its projection net takes, negative half first when guided (zero
+      embedding / zero-image hidden states; FaceID: zero face embeddings), batch ``copies`` (one reference for
+      the whole batch) or ``copies * B``: the encoder's features, FaceID's face embeddings ``[., E]`` or
+      ``[., n, E]``, or FaceID-Plus's pair ``(face embeddings, face-crop hidden states)``.
     scales: ``[num_adapters, num_cross_attention_layers]`` IP-Adapter scales.
     guidance_scale: scalar float32.
+    lora_scales: ``[num_adapters]`` weights of the FaceID adapters' LoRAs (entries of adapters without one are
+      unused); None for 1.
+    shortcut_scales: ``[num_adapters]`` FaceID-PlusV2's ``s_scale`` (used for adapters whose projection has
+      ``shortcut``); None for 1.
     """
 
     noise: jax.Array
@@ -89,13 +95,18 @@ class GenerateInputs:
     image_features: Sequence[jax.Array] = ()
     scales: jax.Array | None = None
     guidance_scale: jax.Array | None = None
+    lora_scales: jax.Array | None = None
+    shortcut_scales: jax.Array | None = None
 
 
-def unet_variables(settings: GenerateSettings, weights: GenerateWeights, scales: jax.Array | None) -> dict:
-    """The UNet's variables: its params, plus the adapters' ``ip_adapter`` / ``ip_scale`` collections."""
+def unet_variables(settings: GenerateSettings, weights: GenerateWeights, scales: jax.Array | None,
+                   lora_scales: jax.Array | None = None) -> dict:
+    """The UNet's variables: its params, plus the adapters' ``ip_adapter`` / ``ip_scale`` collections (and the
+    FaceID LoRAs at ``lora_scales``, data: a new weight is no new program)."""
     variables = {"params": weights.unet}
     if settings.projections:
-        variables.update(adapter_variables(settings.unet_config, [p["layers"] for p in weights.adapters], scales))
+        variables.update(adapter_variables(settings.unet_config, [p["layers"] for p in weights.adapters], scales,
+                                           [p.get("lora") for p in weights.adapters], lora_scales))
     return variables
 
 
@@ -104,8 +115,14 @@ def image_tokens(settings: GenerateSettings, weights: GenerateWeights, inputs: G
     dtype = settings.unet.dtype or jnp.float32
     batch = inputs.noise.shape[0]
     tokens = []
-    for projection, params, features in zip(settings.projections, weights.adapters, inputs.image_features):
-        t = projection_module(projection).apply({"params": params["image_proj"]}, features.astype(jnp.float32))
+    for a, (projection, params, features) in enumerate(zip(settings.projections, weights.adapters,
+                                                           inputs.image_features)):
+        features = jax.tree.map(lambda f: f.astype(jnp.float32), features)
+        extra = ()
+        if projection.variant == FACEID_PLUS:  # PlusV2's shortcut weight as data; v1 runs without one
+            extra = (None if not projection.shortcut or inputs.shortcut_scales is None
+                     else inputs.shortcut_scales[a],)
+        t = projection_module(projection).apply({"params": params["image_proj"]}, features, *extra)
         if t.shape[0] == settings.copies:  # one reference image (per half) conditions the whole batch
             t = jnp.repeat(t, batch, axis=0)
         tokens.append(t.astype(dtype))
@@ -129,7 +146,7 @@ def guided_prediction(settings: GenerateSettings, variables: dict, tokens: Seque
 @functools.partial(jax.jit, static_argnames=("settings",))
 def generate(settings: GenerateSettings, weights: GenerateWeights, inputs: GenerateInputs) -> jax.Array:
     """Images ``[B, H, W, 3]`` in [0, 1] (float32)."""
-    variables = unet_variables(settings, weights, inputs.scales)
+    variables = unet_variables(settings, weights, inputs.scales, inputs.lora_scales)
     tokens = image_tokens(settings, weights, inputs)
     denoise = functools.partial(guided_prediction, settings, variables, tokens, inputs)
     latents = sample_loop(inputs.sampler, denoise, inputs.noise.astype(jnp.float32))

@@ -8,6 +8,9 @@ a ``*_vit-h`` adapter sits beside the bigG one. So discovery tries, per adapter,
 ``image_encoder/`` beside the adapter file, h94's ``models/image_encoder`` one folder up (for adapters in
 ``sdxl_models/``), and ``image_encoder/`` beside an adapter at a URL, and takes the first whose width fits;
 when some exist but none fits it refuses in one line.
+
+FaceID adapters take face embeddings: plain FaceID (and Portrait) no image encoder at all (its entry is None),
+FaceID-Plus the encoder's hidden states of the face crop (``hidden_size`` == the projection's ``clip_dim``).
 """
 
 from __future__ import annotations
@@ -18,12 +21,23 @@ from typing import Sequence
 
 from ipadapter_jax.models.adapter import IPAdapter
 from ipadapter_jax.models.clip import CLIPVisionEncoderConfig
+from ipadapter_jax.models.image_projection import FACEID, FACEID_PLUS
 from ipadapter_jax.weights.remote_files import is_url, local_folder
 from ipadapter_jax.weights.safetensors_io import WeightFileError, read_json
 
 PathLike = str | os.PathLike
 HINT = ("h94/IP-Adapter's models/image_encoder (ViT-H/14) serves the SD1.5 and *_vit-h adapters, "
         "sdxl_models/image_encoder (ViT-bigG/14) ip-adapter_sdxl")
+
+
+def takes_image(adapter: IPAdapter) -> bool:
+    """Whether the adapter reads an image through a CLIP encoder (all but plain FaceID / Portrait)."""
+    return adapter.variant != FACEID
+
+
+def wanted_width(adapter: IPAdapter) -> int:
+    """The width of the image features the adapter's projection reads."""
+    return adapter.projection.clip_dim if adapter.variant == FACEID_PLUS else adapter.projection.embed_dim
 
 
 def feature_width(encoder: CLIPVisionEncoderConfig, adapter: IPAdapter) -> tuple[int, str]:
@@ -36,8 +50,8 @@ def feature_width(encoder: CLIPVisionEncoderConfig, adapter: IPAdapter) -> tuple
 def check_encoder_fits(adapter: IPAdapter, encoder: CLIPVisionEncoderConfig, which: str) -> None:
     """A one-line ``ValueError`` when ``encoder`` gives features of another width than ``adapter`` takes."""
     width, field = feature_width(encoder, adapter)
-    if width != adapter.projection.embed_dim:
-        raise ValueError(f"{which}: this {adapter.variant} IP-Adapter takes {adapter.projection.embed_dim}-wide "
+    if width != wanted_width(adapter):
+        raise ValueError(f"{which}: this {adapter.variant} IP-Adapter takes {wanted_width(adapter)}-wide "
                          f"image features but its image encoder gives {width} ({field}); pass the encoder it was "
                          f"trained with ({HINT})")
 
@@ -62,32 +76,37 @@ def find_image_encoder(sd_dir: Path, adapter_path: Path, adapter: IPAdapter, ada
         elif not (candidate / "config.json").is_file():
             continue
         width, field = feature_width(_config(candidate), adapter)
-        if width == adapter.projection.embed_dim:
+        if width == wanted_width(adapter):
             return candidate
         seen.append(f"{candidate} ({field} {width})")
     if not seen:
         raise FileNotFoundError(f"no image encoder for {adapter_path}: pass image_encoder=DIR (a "
                                 f"CLIPVisionModelWithProjection folder), or put it in <sd_dir>/image_encoder")
-    raise ValueError(f"{adapter_path}: this {adapter.variant} IP-Adapter takes {adapter.projection.embed_dim}-wide "
+    raise ValueError(f"{adapter_path}: this {adapter.variant} IP-Adapter takes {wanted_width(adapter)}-wide "
                      f"image features and no image encoder found fits: {', '.join(seen)}; pass image_encoder=DIR "
                      f"(a list: one per adapter) ({HINT})")
 
 
 def image_encoder_dirs(image_encoder: PathLike | Sequence[PathLike] | None, sd_dir: Path, specs: Sequence[PathLike],
-                       paths: Sequence[Path], adapters: Sequence[IPAdapter]) -> list[Path]:
-    """One image encoder folder per adapter, each checked against its adapter's width from its config alone
-    (before any weights load). ``image_encoder``: one folder for all, a list with one per adapter, or None
-    to find each; ``specs`` are the adapters as given (URLs included), ``paths`` their local copies."""
-    if not adapters:
-        return []
+                       paths: Sequence[Path], adapters: Sequence[IPAdapter]) -> list[Path | None]:
+    """One image encoder folder per adapter (None for adapters that read no image: plain FaceID), each checked
+    against its adapter's width from its config alone (before any weights load). ``image_encoder``: one
+    folder for all, a list with one per adapter, or None to find each; ``specs`` are the adapters as given
+    (URLs included), ``paths`` their local copies."""
+    if not any(takes_image(a) for a in adapters):
+        return [None] * len(adapters)
     if image_encoder is None:
         return [find_image_encoder(sd_dir, path, adapter, str(spec) if is_url(spec) else None)
-                for spec, path, adapter in zip(specs, paths, adapters)]
+                if takes_image(adapter) else None for spec, path, adapter in zip(specs, paths, adapters)]
     given = [image_encoder] if isinstance(image_encoder, (str, os.PathLike)) else list(image_encoder)
     if len(given) not in (1, len(adapters)):
         raise ValueError(f"image_encoder: {len(given)} folders for {len(adapters)} IP-Adapters; give one, or one "
                          f"per adapter")
-    folders = [local_folder(f) for f in given] * (len(adapters) // len(given))
+    folders = [None if f is None else local_folder(f) for f in given] * (len(adapters) // len(given))
+    folders = [f if takes_image(a) else None for a, f in zip(adapters, folders)]
     for path, adapter, folder in zip(paths, adapters, folders):
-        check_encoder_fits(adapter, _config(folder), f"{path} with the image encoder {folder}")
+        if folder is None and takes_image(adapter):
+            raise ValueError(f"{path}: this {adapter.variant} IP-Adapter needs an image encoder, none given for it")
+        if folder is not None:
+            check_encoder_fits(adapter, _config(folder), f"{path} with the image encoder {folder}")
     return folders

@@ -63,7 +63,7 @@ def place_generate_inputs(mesh: Mesh, mesh_config: MeshConfig, noise, context, a
                           copies: int) -> tuple[Any, Any, Any, list, int]:
     """Pad and place ``generate``'s per-call inputs on ``mesh``.
 
-    noise: ``[B, h, w, C]``; context / added leaves: ``[copies * B, ...]``; features: per adapter
+    noise: ``[B, h, w, C]``; context / added leaves: ``[copies * B, ...]``; features: per adapter (each leaf)
     ``[copies, ...]`` (one reference for the batch, left as it is) or ``[copies * B, ...]``.
     Returns the placed ``(noise, context, added, features)`` and the true batch ``B`` to cut the images to.
     """
@@ -76,7 +76,8 @@ def place_generate_inputs(mesh: Mesh, mesh_config: MeshConfig, noise, context, a
     pad = lambda x: _pad_halves(host(x), copies, batch, padded)  # noqa: E731
     context = pad(context)
     added = None if added is None else jax.tree.map(pad, added)
-    features = [host(f) if np.shape(f)[0] == copies else pad(f) for f in features]
+    # A feature is an array or, for FaceID-Plus, a (face embeddings, hidden states) pair.
+    features = [jax.tree.map(lambda f: host(f) if np.shape(f)[0] == copies else pad(f), f) for f in features]
     inputs = (noise, context, added, features)
     noise, context, added, features = put_host_tree(inputs, generate_input_shardings(mesh, mesh_config, *inputs))
     return noise, context, added, features, batch
